@@ -1,0 +1,25 @@
+"""asyncio set-up shared by the daemon and ctl."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import warnings
+
+
+def install_child_watcher() -> None:
+    """Reap children through pidfds on the loop, not with a thread per child.
+
+    Python 3.9-3.11 default to ``ThreadedChildWatcher`` (one thread per child
+    process); 3.12+ pick the pidfd watcher on their own.
+    """
+    if sys.version_info >= (3, 12) or not hasattr(asyncio, "PidfdChildWatcher"):
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            watcher = asyncio.PidfdChildWatcher()
+            asyncio.set_child_watcher(watcher)
+            watcher.attach_loop(asyncio.get_running_loop())
+        except (OSError, RuntimeError):  # old kernel without pidfd_open: keep the default
+            pass

@@ -1,0 +1,55 @@
+"""Logging to stderr, one line per event (procd forwards it to logd), secrets redacted."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Iterable, Optional
+
+_REDACTED = "<redacted>"
+
+
+class RedactSecrets(logging.Filter):
+    """Replace every configured secret in a record's final text, whoever logged it."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.secrets: tuple[str, ...] = ()
+        self.set_secrets(secrets)
+
+    def set_secrets(self, secrets: Iterable[str]) -> None:
+        self.secrets = tuple(s for s in secrets if s and len(s) >= 3)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.secrets:
+            return True
+        text = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        exc_text = record.exc_text or ""
+        if any(s in text or s in exc_text for s in self.secrets):
+            for secret in self.secrets:
+                text = text.replace(secret, _REDACTED)
+                exc_text = exc_text.replace(secret, _REDACTED)
+            record.msg, record.args = text, None
+            record.exc_text = exc_text or None
+        return True
+
+
+_filter = RedactSecrets()
+
+
+def setup_logging(level: str = "info", secrets: Iterable[str] = (),
+                  stream: Optional[object] = None) -> None:
+    """Idempotent: a SIGHUP reload calls it again with the new level and token."""
+    _filter.set_secrets(secrets)
+    root = logging.getLogger()
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    for handler in list(root.handlers):
+        if getattr(handler, "_spotfi", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
+    handler._spotfi = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_filter)
+    root.addHandler(handler)

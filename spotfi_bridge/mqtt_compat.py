@@ -1,0 +1,128 @@
+"""One paho-mqtt surface over 1.6.1 (OpenWrt's feeds) and 2.x (PyPI, OpenWrt master).
+
+paho 2.0 changed every callback's signature and turned result codes into
+``ReasonCode`` objects. The rest of the bridge sees only the normalised
+callbacks installed by :func:`bind_callbacks`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import paho.mqtt.client as paho
+
+PAHO_2 = hasattr(paho, "CallbackAPIVersion")
+PAHO_VERSION: str = getattr(paho, "__version__", "") or __import__("paho.mqtt").mqtt.__version__
+
+#: CONNACK codes meaning "your credentials were refused" (3.1.1: 4, 5; MQTT 5: 134, 135).
+AUTH_REFUSED_CODES = frozenset({4, 5, 134, 135})
+
+
+@dataclass(frozen=True)
+class ConnectResult:
+    ok: bool
+    code: int
+    reason: str
+    session_present: bool
+
+    @property
+    def auth_refused(self) -> bool:
+        return self.code in AUTH_REFUSED_CODES
+
+
+def _code(value: Any) -> int:
+    """An int out of an int, a paho 1.x ReasonCodes or a paho 2.x ReasonCode."""
+    if isinstance(value, int):
+        return value
+    return int(getattr(value, "value", 0) or 0)
+
+
+def _connack_reason(code: int, value: Any) -> str:
+    if not isinstance(value, int):
+        return str(value)
+    return str(paho.connack_string(code))
+
+
+def new_client(client_id: str, *, clean_session: bool, protocol: str = "3.1.1",
+               transport: str = "tcp") -> paho.Client:
+    proto = paho.MQTTv5 if protocol == "5" else paho.MQTTv311
+    kwargs: dict[str, Any] = {"client_id": client_id, "protocol": proto, "transport": transport}
+    if proto != paho.MQTTv5:
+        kwargs["clean_session"] = clean_session
+    if PAHO_2:
+        kwargs["callback_api_version"] = paho.CallbackAPIVersion.VERSION2
+    return paho.Client(**kwargs)
+
+
+def connect_properties(protocol: str, clean_session: bool) -> Any:
+    """MQTT 5 keeps the session with a session-expiry interval instead of clean_session."""
+    if protocol != "5" or clean_session:
+        return None
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    return props
+
+
+def bind_callbacks(
+    client: paho.Client,
+    *,
+    on_connect: Callable[[ConnectResult], None],
+    on_disconnect: Callable[[int], None],
+    on_message: Callable[[str, bytes, int, bool], None],
+    on_publish: Callable[[int], None],
+) -> None:
+    """Install version-neutral callbacks: ``on_message(topic, payload, qos, retain)``."""
+
+    def connect_cb(_client: Any, _userdata: Any, flags: Any, rc: Any, *_rest: Any) -> None:
+        code = _code(rc)
+        if isinstance(flags, dict):
+            session_present = bool(flags.get("session present"))
+        else:
+            session_present = bool(getattr(flags, "session_present", False))
+        on_connect(ConnectResult(code == 0, code, _connack_reason(code, rc), session_present))
+
+    def disconnect_cb(_client: Any, _userdata: Any, *args: Any) -> None:
+        # 1.x: (rc) or (rc, properties); 2.x: (flags, reason_code, properties)
+        if PAHO_2:
+            on_disconnect(_code(args[1]) if len(args) > 1 else 0)
+        else:
+            on_disconnect(_code(args[0]) if args else 0)
+
+    def message_cb(_client: Any, _userdata: Any, message: Any) -> None:
+        on_message(message.topic, message.payload, message.qos, bool(message.retain))
+
+    def publish_cb(_client: Any, _userdata: Any, mid: int, *_rest: Any) -> None:
+        on_publish(mid)
+
+    client.on_connect = connect_cb
+    client.on_disconnect = disconnect_cb
+    client.on_message = message_cb
+    client.on_publish = publish_cb
+
+
+def set_connect_timeout(client: paho.Client, seconds: float) -> None:
+    """Bound the TCP connect (and TLS/WebSocket handshake) inside ``reconnect()``."""
+    if hasattr(type(client), "connect_timeout"):
+        client.connect_timeout = seconds
+    else:
+        client._connect_timeout = seconds
+
+
+def error_string(rc: int) -> str:
+    return str(paho.error_string(rc))
+
+
+def publish_rc(info: Any) -> int:
+    return int(getattr(info, "rc", 0))
+
+
+def message_mid(info: Any) -> int:
+    return int(info.mid)
+
+
+def sock_of(client: paho.Client) -> Optional[Any]:
+    return client.socket()

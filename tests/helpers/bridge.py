@@ -1,0 +1,91 @@
+"""The real daemon as a subprocess (``python -m spotfi_bridge run``), configured per test."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from tests.helpers.wait import wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class BridgeProcess:
+    def __init__(self, broker_url: str, *, router_id: str = "test-router", token: str = "test-token",
+                 toml: Optional[str] = None, env: Optional[dict[str, str]] = None,
+                 args: tuple[str, ...] = ()) -> None:
+        self.router_id = router_id
+        self.token = token
+        self.dir = Path(tempfile.mkdtemp(prefix="spotfi-bridge-"))
+        self.log_path = self.dir / "bridge.log"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("SPOTFI_")}
+        self.env.update({
+            "SPOTFI_ENV_FILE": str(self.dir / "absent.env"),
+            "SPOTFI_ROUTER_ID": router_id,
+            "SPOTFI_TOKEN": token,
+            "SPOTFI_MQTT_BROKER": broker_url,
+            "SPOTFI_LOG_LEVEL": "debug",
+            "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
+        })
+        if toml is not None:
+            config = self.dir / "bridge.toml"
+            config.write_text(toml)
+            config.chmod(0o600)
+            self.env["SPOTFI_CONFIG"] = str(config)
+        self.env.update(env or {})
+        self.args = args
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+
+    def start(self) -> "BridgeProcess":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "spotfi_bridge", "run", *self.args],
+                                     env=self.env, stdout=log, stderr=log,
+                                     stdin=subprocess.DEVNULL, cwd=str(self.dir))
+        log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_log(self, needle: str, timeout: float = 10.0) -> str:
+        return wait_for(lambda: needle in self.log() and self.log(), timeout,
+                        f"{needle!r} in bridge log")
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def close(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            try:
+                self.terminate(5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def __enter__(self) -> "BridgeProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
