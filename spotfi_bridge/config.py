@@ -550,8 +550,8 @@ def _build(raw: _Raw, sources: tuple[str, ...], warnings: tuple[str, ...]) -> Co
         mqtt_values["protocol"] = "5" if mqtt_values["protocol"] == "5" else "3.1.1"
     mqtt = MqttConfig(**mqtt_values)
     if mqtt.backoff_max < mqtt.backoff_min:
-        raise ConfigError(f"{raw[('mqtt', 'backoff_max')][1] if ('mqtt', 'backoff_max') in raw else 'defaults'}"
-                          f": [mqtt] backoff_max = {mqtt.backoff_max} is invalid: expected a "
+        where = raw.get(("mqtt", "backoff_max"), (None, "defaults"))[1]
+        raise ConfigError(f"{where}: [mqtt] backoff_max = {mqtt.backoff_max} is invalid: expected a "
                           f"number not below backoff_min ({mqtt.backoff_min})")
     tls = TlsConfig(**_section(raw, "tls"))
     for key in ("ca_file", "cert_file", "key_file"):

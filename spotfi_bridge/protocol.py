@@ -102,7 +102,7 @@ def decode_object(payload: bytes) -> Union[dict[str, Any], str]:
         value = json.loads(text)
     except RecursionError:
         return "payload JSON is nested too deeply"
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         return f"payload is not valid JSON: {exc.msg} at position {exc.pos}"
     if not isinstance(value, dict):
         return f"payload must be a JSON object, got {type(value).__name__}"

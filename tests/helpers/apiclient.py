@@ -50,6 +50,7 @@ class ApiClient:
                                    on_disconnect=lambda rc: self._connected.clear(),
                                    on_message=self._on_message, on_publish=lambda mid: None)
         self._subscriptions: list[tuple[str, int]] = []
+        self.client.reconnect_delay_set(0.05, 0.5)
         self.client.connect("127.0.0.1", broker_port, keepalive=30)
         self.client.loop_start()
         if not self._connected.wait(10):
@@ -77,7 +78,12 @@ class ApiClient:
             raise WaitTimeout(f"subscribe {topic} not acknowledged")
         self.client.on_subscribe = previous
 
+    def wait_connected(self, timeout: float = 15.0) -> None:
+        if not self._connected.wait(timeout):
+            raise WaitTimeout("api client is not connected")
+
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        self.wait_connected()
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
         if qos:
             info.wait_for_publish(10)

@@ -42,7 +42,7 @@ class BridgeProcess:
         self.args = args
         self.proc: Optional[subprocess.Popen[bytes]] = None
 
-    def start(self) -> "BridgeProcess":
+    def start(self) -> BridgeProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "spotfi_bridge", "run", *self.args],
                                      env=self.env, stdout=log, stderr=log,
@@ -84,7 +84,7 @@ class BridgeProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
 
-    def __enter__(self) -> "BridgeProcess":
+    def __enter__(self) -> BridgeProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

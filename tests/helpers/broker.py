@@ -79,7 +79,7 @@ class Mosquitto:
         lines.append(self.extra_config)
         (self.dir / "mosquitto.conf").write_text("\n".join(lines) + "\n")
 
-    def start(self) -> "Mosquitto":
+    def start(self) -> Mosquitto:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.dir / "mosquitto.conf")],
                                      stdout=log, stderr=log, stdin=subprocess.DEVNULL)
@@ -120,7 +120,7 @@ class Mosquitto:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> "Mosquitto":
+    def __enter__(self) -> Mosquitto:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

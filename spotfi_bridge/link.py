@@ -1,0 +1,646 @@
+"""MqttLink: the bridge's one MQTT connection, driven by paho-mqtt on the asyncio loop.
+
+paho runs without its own thread: the broker socket is a reader on the loop
+(``loop_read``), a writer only while paho has bytes queued (``loop_write``),
+and ``loop_misc`` is a loop timer scheduled from what the keepalive needs.
+Only ``reconnect()`` (DNS, TCP connect, TLS/WebSocket handshake, all bounded)
+runs in a one-thread executor so it cannot stall terminals; while it runs the
+loop thread leaves paho alone and publishes wait in the link's own backlog.
+
+Presence: Last Will ``OFFLINE`` (retained, QoS 1); retained ``ONLINE`` after every
+successful connect; subscriptions restored every time; clean session off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import random
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import paho.mqtt.client as paho
+
+from spotfi_bridge import mqtt_compat
+from spotfi_bridge.config import Config
+from spotfi_bridge.protocol import STATUS_OFFLINE, STATUS_ONLINE, Topics
+from spotfi_bridge.publish import OnSent
+
+log = logging.getLogger("spotfi_bridge.link")
+
+MessageHandler = Callable[[str, bytes], None]
+
+#: Messages paho may have on the wire unacknowledged; more wait, in order, inside paho.
+MAX_INFLIGHT = 100
+
+
+@dataclass
+class _Outgoing:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    on_sent: Optional[OnSent]
+
+
+class LinkClosed(Exception):
+    pass
+
+
+class MqttLink:
+    """One MQTT connection with presence, reconnect, backoff and a bounded outbox."""
+
+    def __init__(
+        self,
+        config: Config,
+        on_message: MessageHandler,
+        on_connected: Optional[Callable[[], None]] = None,
+        subscriptions: Optional[list[tuple[str, int]]] = None,
+    ) -> None:
+        self._config = config
+        self._topics = Topics(config.router.id)
+        self._on_message_handler = on_message
+        self._on_connected = on_connected
+        self._subscriptions = subscriptions if subscriptions is not None else [
+            (self._topics.rpc_request, 1), (self._topics.x_in, 1)]
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, "spotfi-connect")
+        self._client: Optional[paho.Client] = None
+        self._connected = False
+        self._connecting = False  # reconnect() running in the executor
+        self._handshake = False  # CONNECT sent, waiting for CONNACK
+        self._closing = False
+        self._sock_fd: Optional[int] = None
+        self._writing = False
+        self._misc_timer: Optional[asyncio.TimerHandle] = None
+        self._connack_timer: Optional[asyncio.TimerHandle] = None
+        self._wake = asyncio.Event()
+        self._connected_event = asyncio.Event()
+        self._connected_since = 0.0
+        self._attempt = 0
+        self._refused_streak = False
+        self._failure_streak = 0
+        # outbox: accepted but not yet sent (backlog) or not yet acknowledged (inflight)
+        self._backlog: collections.deque[_Outgoing] = collections.deque()
+        self._inflight: dict[int, _Outgoing] = {}
+        self._early_acks: set[int] = set()
+        self._pending_msgs = 0
+        self._pending_bytes = 0
+        self._drop_logged_at = 0.0
+        self.stats: dict[str, int] = collections.defaultdict(int)
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def topics(self) -> Topics:
+        return self._topics
+
+    def counters(self) -> dict[str, Any]:
+        data: dict[str, Any] = dict(self.stats)
+        data.update(connected=self._connected, outbox_messages=self._pending_msgs,
+                    outbox_bytes=self._pending_bytes, backlog=len(self._backlog))
+        if self._connected:
+            data["connected_for"] = round(time.monotonic() - self._connected_since, 1)
+        return data
+
+    async def wait_connected(self, timeout: Optional[float] = None) -> bool:
+        try:
+            await asyncio.wait_for(self._connected_event.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                on_sent: Optional[OnSent] = None) -> bool:
+        """See :class:`spotfi_bridge.publish.Publisher`."""
+        mqtt = self._config.mqtt
+        size = len(payload)
+        if (self._pending_msgs >= mqtt.outbox_max_messages
+                or self._pending_bytes + size > mqtt.outbox_max_bytes):
+            self.stats["outbox_refused"] += 1
+            now = time.monotonic()
+            if now - self._drop_logged_at > 10:
+                self._drop_logged_at = now
+                log.warning("outbox full (%d messages, %d bytes): refused a message for %s "
+                            "(%d refused so far)", self._pending_msgs, self._pending_bytes, topic,
+                            self.stats["outbox_refused"])
+            return False
+        self._pending_msgs += 1
+        self._pending_bytes += size
+        entry = _Outgoing(topic, payload, qos, retain, on_sent)
+        if self._connected and not self._backlog:
+            self._send(entry)
+        else:
+            self._backlog.append(entry)
+        return True
+
+    def reconfigure(self, config: Config) -> bool:
+        """Apply a reloaded config; returns True when a new connection is needed."""
+        reconnect = config.connection_settings() != self._config.connection_settings()
+        self._config = config
+        if reconnect:
+            log.info("connection settings changed: reconnecting")
+            old_topics = self._topics
+            self._topics = Topics(config.router.id)
+            if old_topics != self._topics:
+                self._subscriptions = [(self._topics.rpc_request, 1), (self._topics.x_in, 1)]
+            self._requeue_inflight()
+            self._drop_client()
+            self._attempt = 0
+            self._wake.set()
+        return reconnect
+
+    async def run(self) -> None:
+        """Connect, and reconnect with backoff, until :meth:`close`."""
+        self._loop = asyncio.get_running_loop()
+        while not self._closing:
+            if self._client is None:
+                self._client = self._new_client()
+            if not (self._connected or self._handshake):
+                await self._connect_once()
+            self._wake.clear()
+            if self._closing:
+                break
+            if self._connected or self._handshake:
+                await self._wake.wait()  # set when the connection ends, on reconfigure, on close
+                continue
+            try:  # back off; a reconfigure or close cuts it short
+                await asyncio.wait_for(self._wake.wait(), self._next_delay())
+            except asyncio.TimeoutError:
+                pass
+
+    async def close(self, flush_timeout: float = 1.5) -> None:
+        """Publish OFFLINE (retained), flush what is queued (bounded), disconnect."""
+        if self._closing:
+            return
+        if self._connected and self._client is not None:
+            done = asyncio.Event()
+            self.publish(self._topics.status, STATUS_OFFLINE, 1, True, done.set)
+            try:
+                await asyncio.wait_for(self._drained(done), flush_timeout)
+            except asyncio.TimeoutError:
+                log.warning("shutdown: %d messages still unsent after %.1f s",
+                            self._pending_msgs, flush_timeout)
+        self._closing = True
+        self._wake.set()
+        if self._client is not None:
+            if self._connected:
+                self._client.disconnect()
+                self._client.loop_write()  # DISCONNECT now, so the broker skips the Will
+            self._drop_client()
+        self._executor.shutdown(wait=False)
+        lost = self._pending_msgs
+        if lost:
+            self.stats["dropped_at_close"] += lost
+            log.warning("shutdown: %d queued messages were not delivered", lost)
+
+    # ------------------------------------------------------------------ client
+
+    def _new_client(self) -> paho.Client:
+        cfg = self._config
+        client = mqtt_compat.new_client(f"router-{cfg.router.id}",
+                                        clean_session=cfg.mqtt.clean_session,
+                                        protocol=cfg.mqtt.protocol,
+                                        transport=cfg.mqtt.broker.transport)
+        client.username_pw_set(cfg.router.id, cfg.router.token)
+        client.will_set(self._topics.status, STATUS_OFFLINE, qos=1, retain=True)
+        client.max_inflight_messages_set(MAX_INFLIGHT)
+        client.max_queued_messages_set(0)
+        mqtt_compat.set_connect_timeout(client, cfg.mqtt.connect_timeout)
+        if cfg.mqtt.broker.tls:
+            client.tls_set_context(self._ssl_context())
+            if cfg.tls.insecure:
+                client.tls_insecure_set(True)
+        if cfg.mqtt.broker.transport == "websockets":
+            client.ws_set_options(path=cfg.mqtt.broker.ws_path)
+        mqtt_compat.bind_callbacks(client, on_connect=self._on_connect,
+                                   on_disconnect=self._on_disconnect,
+                                   on_message=self._on_message, on_publish=self._on_publish)
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
+        kwargs: dict[str, Any] = {}
+        if cfg.mqtt.protocol == "5":
+            kwargs["clean_start"] = cfg.mqtt.clean_session
+            kwargs["properties"] = mqtt_compat.connect_properties("5", cfg.mqtt.clean_session)
+        client.connect_async(cfg.mqtt.broker.host, cfg.mqtt.broker.port,
+                             keepalive=cfg.mqtt.keepalive, **kwargs)
+        return client
+
+    def _ssl_context(self) -> Any:
+        import ssl
+
+        tls = self._config.tls
+        context = ssl.create_default_context(cafile=tls.ca_file or None)
+        if tls.cert_file:
+            context.load_cert_chain(tls.cert_file, tls.key_file or None)
+        if tls.insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+    def _drop_client(self) -> None:
+        """Forget the current client and its socket (a new one is made on the next attempt)."""
+        client, self._client = self._client, None
+        was_connected = self._connected
+        self._connected = self._handshake = False
+        self._connected_event.clear()
+        self._cancel_timers()
+        self._unwatch_socket()
+        if client is not None:
+            client.on_disconnect = None
+            client.on_socket_close = None
+            sock = client.socket()
+            if sock is not None:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+        if was_connected:
+            self.stats["disconnects"] += 1
+        self._fail_unreliable()
+
+    # ------------------------------------------------------------------ connecting
+
+    async def _connect_once(self) -> None:
+        assert self._loop is not None and self._client is not None
+        client = self._client
+        broker = self._config.mqtt.broker
+        self._unwatch_socket()
+        self._connecting = True
+        self.stats["connect_attempts"] += 1
+        try:
+            await self._loop.run_in_executor(self._executor, client.reconnect)
+        except Exception as exc:
+            self._connecting = False
+            if client is not self._client:
+                return
+            self._connect_failed(f"cannot connect to {broker.host}:{broker.port}: "
+                                 f"{_describe(exc)}")
+            return
+        self._connecting = False
+        if client is not self._client or self._closing:
+            sock = client.socket()
+            if sock is not None:
+                sock.close()
+            return
+        # paho's on_socket_open ran in the executor; make sure the loop watches the socket
+        self._handshake = True
+        self._watch_socket(client)
+        self._connack_timer = self._loop.call_later(self._config.mqtt.connect_timeout,
+                                                    self._connack_timeout, client)
+        self._on_readable()  # CONNACK may already be buffered (TLS)
+
+    def _connack_timeout(self, client: paho.Client) -> None:
+        if client is self._client and not self._connected:
+            self._handshake = False
+            self._connect_failed(f"no CONNACK within {self._config.mqtt.connect_timeout} s")
+            self._reset_socket()
+
+    def _connect_failed(self, reason: str) -> None:
+        self.stats["connect_failures"] += 1
+        self._failure_streak += 1
+        level = logging.WARNING if self._failure_streak == 1 or \
+            self._failure_streak % 10 == 0 else logging.DEBUG
+        log.log(level, "%s (attempt %d)", reason, self._failure_streak)
+        self._wake.set()
+
+    def _next_delay(self) -> float:
+        mqtt = self._config.mqtt
+        # a few quick retries first (a broker restart is over in seconds), then exponential
+        base = min(mqtt.backoff_max, mqtt.backoff_min * (2 ** min(max(0, self._attempt - 3), 16)))
+        self._attempt += 1
+        delay: float = base * random.uniform(0.5, 1.0)
+        log.debug("reconnecting in %.2f s", delay)
+        return delay
+
+    def _on_connect(self, result: mqtt_compat.ConnectResult) -> None:
+        assert self._loop is not None
+        if self._connack_timer is not None:
+            self._connack_timer.cancel()
+            self._connack_timer = None
+        self._handshake = False
+        cfg = self._config
+        if not result.ok:
+            self.stats["connect_refused"] += 1
+            if result.auth_refused:
+                self.stats["auth_refused"] += 1
+                if not self._refused_streak:
+                    log.error("broker refused router id %s: bad token (%s)", cfg.router.id,
+                              result.reason)
+                    self._refused_streak = True
+                self._failure_streak += 1
+                self._wake.set()
+            else:
+                self._connect_failed(f"broker refused the connection: {result.reason}")
+            return
+        client = self._client
+        assert client is not None
+        self._connected = True
+        self._connected_since = time.monotonic()
+        self._refused_streak = False
+        if self._failure_streak:
+            log.info("connected to %s after %d failed attempts", cfg.mqtt.broker.host,
+                     self._failure_streak)
+        else:
+            log.info("connected to %s:%d as router-%s (session present: %s)",
+                     cfg.mqtt.broker.host, cfg.mqtt.broker.port, cfg.router.id,
+                     result.session_present)
+        self._failure_streak = 0
+        self.stats["connects"] += 1
+        self._early_acks.clear()
+        self._pending_msgs += 1
+        self._pending_bytes += len(STATUS_ONLINE)
+        self._send(_Outgoing(self._topics.status, STATUS_ONLINE, 1, True, None))
+        for topic, qos in self._subscriptions:
+            client.subscribe(topic, qos)
+        # after paho has re-queued its unacknowledged messages (it does so when this
+        # callback returns), so that what waited in the backlog goes out after them
+        self._loop.call_soon(self._after_connect, client)
+
+    def _after_connect(self, client: paho.Client) -> None:
+        if client is not self._client or not self._connected:
+            return
+        self._connected_event.set()
+        while self._backlog and self._connected:
+            self._send(self._backlog.popleft())
+        self._schedule_misc()
+        if self._on_connected is not None:
+            try:
+                self._on_connected()
+            except Exception:
+                log.exception("on_connected handler failed")
+
+    def _on_disconnect(self, rc: int) -> None:
+        was_connected = self._connected
+        was_handshake = self._handshake
+        self._handshake = False
+        self._connected = False
+        self._connected_event.clear()
+        self._cancel_timers()
+        if was_connected:
+            self.stats["disconnects"] += 1
+            lasted = time.monotonic() - self._connected_since
+            if lasted >= self._config.mqtt.stable_after:
+                self._attempt = 0
+            if not self._closing:
+                log.warning("connection lost (%s) after %.0f s; reconnecting",
+                            mqtt_compat.error_string(rc) if rc else "closed", lasted)
+            self._fail_unreliable()
+        if was_connected or was_handshake:
+            self._wake.set()
+
+    def _fail_unreliable(self) -> None:
+        """QoS 0 messages die with the connection: count them and release their owners."""
+        lost = [mid for mid, entry in self._inflight.items() if entry.qos == 0]
+        for mid in lost:
+            self.stats["dropped_qos0"] += 1
+            self._complete(self._inflight.pop(mid))
+        if lost:
+            log.warning("%d QoS 0 messages were lost with the connection", len(lost))
+
+    def _requeue_inflight(self) -> None:
+        """A new client does not know the old one's unacknowledged messages: resend them."""
+        entries = [e for e in self._inflight.values() if e.qos > 0]
+        self._inflight = {mid: e for mid, e in self._inflight.items() if e.qos == 0}
+        self._backlog.extendleft(reversed(entries))
+
+    # ------------------------------------------------------------------ sending
+
+    def _send(self, entry: _Outgoing) -> None:
+        client = self._client
+        assert client is not None
+        info = client.publish(entry.topic, entry.payload, qos=entry.qos, retain=entry.retain)
+        rc = mqtt_compat.publish_rc(info)
+        mid = mqtt_compat.message_mid(info)
+        if rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN) or (
+                rc == paho.MQTT_ERR_NO_CONN and entry.qos == 0):
+            self.stats["dropped_send_error"] += 1
+            log.warning("publish to %s failed: %s", entry.topic, mqtt_compat.error_string(rc))
+            self._complete(entry)
+            return
+        self.stats["published"] += 1
+        if mid in self._early_acks:
+            self._early_acks.discard(mid)
+            self._complete(entry)
+        else:
+            self._inflight[mid] = entry
+
+    def _on_publish(self, mid: int) -> None:
+        entry = self._inflight.pop(mid, None)
+        if entry is None:
+            # paho can report a QoS 0 write before publish() returned its mid
+            self._early_acks.add(mid)
+            return
+        self._complete(entry)
+
+    def _complete(self, entry: _Outgoing) -> None:
+        self._pending_msgs -= 1
+        self._pending_bytes -= len(entry.payload)
+        if entry.on_sent is not None:
+            try:
+                entry.on_sent()
+            except Exception:
+                log.exception("on_sent callback failed")
+
+    async def _drained(self, last: asyncio.Event) -> None:
+        await last.wait()
+
+    # ------------------------------------------------------------------ receiving
+
+    def _on_message(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        self.stats["received"] += 1
+        limit = self._config.mqtt.max_inbound_bytes
+        if len(payload) > limit:
+            self.stats["inbound_oversized"] += 1
+            log.warning("rejected a %d-byte message on %s: over max_inbound_bytes (%d)",
+                        len(payload), topic, limit)
+            return
+        try:
+            self._on_message_handler(topic, payload)
+        except Exception:
+            self.stats["handler_errors"] += 1
+            log.exception("handler failed for a message on %s", topic)
+
+    # ------------------------------------------------------------------ socket on the loop
+
+    def _in_loop(self, callback: Callable[[], None]) -> None:
+        """Run a paho socket hook, unless paho calls it from the connect thread.
+
+        During ``reconnect()`` (in the executor) the loop already stopped watching the
+        old socket, and :meth:`_connect_once` starts watching the new one when it
+        returns; acting on those calls from the other thread would race with that.
+        """
+        if self._loop is not None and _running_loop() is self._loop:
+            callback()
+
+    def _on_socket_open(self, client: Any, userdata: Any, sock: Any) -> None:
+        _set_nodelay(sock)
+
+    def _watch_socket(self, client: paho.Client) -> None:
+        sock = client.socket()
+        if sock is None or self._loop is None:
+            return
+        fd = sock.fileno()
+        if fd == self._sock_fd:
+            return
+        self._unwatch_socket()
+        self._sock_fd = fd
+        self._loop.add_reader(fd, self._on_readable)
+        if client.want_write():
+            self._start_writing()
+
+    def _unwatch_socket(self) -> None:
+        if self._loop is None or self._sock_fd is None:
+            return
+        self._loop.remove_reader(self._sock_fd)
+        if self._writing:
+            self._loop.remove_writer(self._sock_fd)
+            self._writing = False
+        self._sock_fd = None
+
+    def _on_socket_close(self, client: Any, userdata: Any, sock: Any) -> None:
+        self._in_loop(self._unwatch_socket)
+
+    def _on_socket_register_write(self, client: Any, userdata: Any, sock: Any) -> None:
+        self._in_loop(self._start_writing)
+
+    def _on_socket_unregister_write(self, client: Any, userdata: Any, sock: Any) -> None:
+        self._in_loop(self._stop_writing)
+
+    def _start_writing(self) -> None:
+        if self._loop is None or self._sock_fd is None or self._writing or self._connecting:
+            return
+        self._writing = True
+        self._loop.add_writer(self._sock_fd, self._on_writable)
+
+    def _stop_writing(self) -> None:
+        if self._loop is None or self._sock_fd is None or not self._writing:
+            return
+        self._writing = False
+        self._loop.remove_writer(self._sock_fd)
+
+    def _is_current(self, client: paho.Client) -> bool:
+        return client is self._client
+
+    def _on_readable(self) -> None:
+        client = self._client
+        if client is None or self._connecting:
+            return
+        client.loop_read(max_packets=256)
+        sock = client.socket()
+        # TLS may hold decrypted bytes that the socket no longer signals
+        while sock is not None and _pending(sock) and self._is_current(client):
+            client.loop_read(max_packets=256)
+            sock = client.socket()
+        if client.want_write() and not self._writing and self._is_current(client):
+            self._start_writing()
+
+    def _on_writable(self) -> None:
+        client = self._client
+        if client is None:
+            return
+        client.loop_write()
+        if not client.want_write() and self._is_current(client):
+            self._stop_writing()
+
+    def _reset_socket(self) -> None:
+        """Make paho notice a dead connection through its normal read path."""
+        client = self._client
+        sock = client.socket() if client is not None else None
+        if sock is None:
+            self._wake.set()
+            return
+        try:
+            raw = getattr(sock, "_socket", sock)
+            raw.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._on_readable()
+
+    # ------------------------------------------------------------------ keepalive
+
+    def _schedule_misc(self) -> None:
+        if self._loop is None:
+            return
+        if self._misc_timer is not None:
+            self._misc_timer.cancel()
+        self._misc_timer = self._loop.call_later(self._misc_delay(), self._misc)
+
+    def _misc_delay(self) -> float:
+        """Seconds until paho's keepalive check has something to do."""
+        keepalive = float(self._config.mqtt.keepalive)
+        client = self._client
+        try:
+            last_in = float(client._last_msg_in)  # type: ignore[union-attr]
+            last_out = float(client._last_msg_out)  # type: ignore[union-attr]
+        except (AttributeError, TypeError, ValueError):
+            return keepalive / 2
+        deadline: float = min(last_in, last_out) + keepalive
+        return max(0.05, deadline - time.monotonic() + 0.02)
+
+    def _misc(self) -> None:
+        self._misc_timer = None
+        client = self._client
+        if client is None or not self._connected:
+            return
+        client.loop_misc()
+        if self._is_current(client) and self._connected:
+            if not self._writing and client.want_write():
+                self._start_writing()
+            self._schedule_misc()
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._misc_timer, self._connack_timer):
+            if timer is not None:
+                timer.cancel()
+        self._misc_timer = self._connack_timer = None
+
+
+def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _set_nodelay(sock: Any) -> None:
+    """paho never sets TCP_NODELAY: without it keystroke echoes wait for Nagle."""
+    raw = getattr(sock, "_socket", sock)
+    try:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass
+
+
+def _pending(sock: Any) -> bool:
+    pending = getattr(sock, "pending", None)
+    try:
+        return bool(pending()) if pending is not None else False
+    except (OSError, ValueError):
+        return False
+
+
+def _describe(exc: BaseException) -> str:
+    import ssl
+
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate verification failed: {exc.verify_message or exc}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error: {exc.reason or exc}"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve host: {exc.strerror}"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return f"{type(exc).__name__}: {exc}"
