@@ -64,6 +64,8 @@ class Mosquitto:
             "log_type warning",
             "log_type notice",
         ]
+        if os.geteuid() == 0:
+            lines.append("user root")  # else it drops to 'mosquitto', who cannot read our 0600 files
         if self.users is not None:
             pwfile = self.dir / "passwd"
             pwfile.write_text("".join(f"{user}:{password}\n" for user, password in self.users.items()))
