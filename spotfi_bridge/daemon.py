@@ -70,7 +70,8 @@ class Daemon:
         self.rpc_backend_name = getattr(backend, "name", type(backend).__name__)
         self.terminal = SessionManager(config.terminal, self.link.publish, self.topics)
         self.rpc = RpcExecutor(config.rpc, self.link.publish, self.topics.rpc_response, backend,
-                               info=self.info, sessions=self.terminal.sessions)
+                               info=self.info, sessions=self.terminal.sessions,
+                               secrets=lambda: (self.config.router.token,))
 
     async def shutdown(self) -> None:
         """Sessions end (each told why), RPC children die, OFFLINE goes out, then disconnect."""

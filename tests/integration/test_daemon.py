@@ -27,7 +27,7 @@ def _metrics(api: ApiClient) -> list[dict]:
 
 
 def test_online_first_metrics_schema_and_clean_sigterm(
-        api: ApiClient, make_bridge: Callable[..., BridgeProcess]) -> None:
+        broker: Mosquitto, api: ApiClient, make_bridge: Callable[..., BridgeProcess]) -> None:
     api.subscribe(f"spotfi/router/{ROUTER}/#")
     bridge = make_bridge(toml=FAST, token="very-secret-token-123")
     wait_online(api)
@@ -51,8 +51,14 @@ def test_online_first_metrics_schema_and_clean_sigterm(
     assert "rxRate" in second.json()["metrics"]["interfaces"]["lo"]
     mark = api.mark()
     assert bridge.terminate(timeout=3) == 0
-    offline = api.wait_message(STATUS, lambda m: m.payload == b"OFFLINE", 5, mark)
-    assert offline.retain
+    api.wait_message(STATUS, lambda m: m.payload == b"OFFLINE", 5, mark)
+    late = ApiClient(broker.port)  # a late subscriber gets the retained OFFLINE
+    try:
+        late.subscribe(STATUS)
+        retained = late.wait_message(STATUS, timeout=5)
+        assert retained.payload == b"OFFLINE" and retained.retain
+    finally:
+        late.close()
     log = bridge.log()
     assert "very-secret-token-123" not in log
     assert "starting" in log and "stopped" in log
