@@ -15,7 +15,11 @@ def make_ca(directory: Path, name: str = "ca") -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     key, cert = directory / f"{name}.key", directory / f"{name}.crt"
     _run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-         f"/CN=spotfi test {name}", "-keyout", str(key), "-out", str(cert), cwd=directory)
+         f"/CN=spotfi test {name}", "-keyout", str(key), "-out", str(cert),
+         # Python 3.13 verifies strictly (VERIFY_X509_STRICT): a real CA's extensions
+         "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+         "-addext", "subjectKeyIdentifier=hash", cwd=directory)
     return cert, key
 
 
@@ -24,7 +28,10 @@ def make_server_cert(directory: Path, ca: tuple[Path, Path], san: str,
     """``san`` like ``IP:127.0.0.1,DNS:localhost``."""
     key, csr, cert = directory / f"{name}.key", directory / f"{name}.csr", directory / f"{name}.crt"
     ext = directory / f"{name}.ext"
-    ext.write_text(f"subjectAltName={san}\n")
+    ext.write_text(f"subjectAltName={san}\nbasicConstraints=CA:FALSE\n"
+                   "keyUsage=critical,digitalSignature,keyEncipherment\n"
+                   "extendedKeyUsage=serverAuth\nsubjectKeyIdentifier=hash\n"
+                   "authorityKeyIdentifier=keyid\n")
     _run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=spotfi test server",
          "-keyout", str(key), "-out", str(csr), cwd=directory)
     _run("x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
