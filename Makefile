@@ -53,3 +53,9 @@ lint: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) $(VENV313) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+## make ipk: dist/spotfi-bridge_<version>-1_all.ipk for opkg (OpenWrt 23.05, 24.10),
+## built reproducibly with the standard library, no OpenWrt SDK (docs/OPENWRT.md)
+.PHONY: ipk
+ipk: $(VENV)/.installed
+	$(VENV)/bin/python packaging/build_ipk.py --out dist
