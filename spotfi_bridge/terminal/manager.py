@@ -22,6 +22,9 @@ from spotfi_bridge.terminal.shell import shell_spec
 
 log = logging.getLogger("spotfi_bridge.terminal")
 
+#: Seconds a shell gets to exit after SIGHUP at shutdown before SIGKILL (procd waits ~5 s,
+#: the daemon gives the terminal part half of its shutdown budget).
+SHUTDOWN_GRACE = 0.8
 #: Ended session ids remembered so a redelivered ``x-start`` does not respawn them.
 RECENTLY_ENDED = 256
 COUNTERS = (
@@ -95,24 +98,40 @@ class SessionManager:
         """SIGHUP: the new limits apply to sessions started from now on."""
         self._config = config
 
-    async def shutdown(self, reason: str = "bridge shutting down") -> None:
-        """``x-error`` to every session, end them all, reap; at most ~kill_grace + 1 s."""
+    async def shutdown(self, reason: str = "bridge shutting down", *,
+                       grace: float = SHUTDOWN_GRACE) -> None:
+        """``x-error`` to every session, SIGHUP, SIGKILL after ``grace``; about grace + 0.3 s.
+
+        The ``x-error`` messages are handed to the publisher before the first await, and
+        if the caller's own timeout cancels this, whatever is left is SIGKILLed anyway.
+        """
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
         for session in list(self._sessions.values()):
             session.end(reason, "shutdown")
+        try:
+            if not await self._wait_closed(grace):
+                for session in list(self._closing):
+                    log.warning("terminal session %r: shell (pid %d) still running at "
+                                "shutdown: SIGKILL", session.id, session.pid)
+                    session.force_close()
+                await self._wait_closed(0.3)
+        finally:
+            for session in list(self._closing):
+                session.force_close()
+
+    async def _wait_closed(self, timeout: float) -> bool:
+        """Whether every ending session closed within ``timeout`` seconds."""
         waiting = [session for session in self._closing if not session.closed]
-        if waiting:
-            loop = asyncio.get_running_loop()
-            tasks = [loop.create_task(session.wait_closed()) for session in waiting]
-            _, not_done = await asyncio.wait(tasks, timeout=self._kill_grace + 1.0)
-            for task in not_done:
-                task.cancel()
-        for session in list(self._closing):
-            log.warning("terminal session %r: still not closed at shutdown; forcing",
-                        session.id)
-            session.force_close()
+        if not waiting:
+            return True
+        loop = self._get_loop()
+        tasks = [loop.create_task(session.wait_closed()) for session in waiting]
+        _, not_done = await asyncio.wait(tasks, timeout=timeout)
+        for task in not_done:
+            task.cancel()
+        return not not_done
 
     # ------------------------------------------------------------------ dispatch
 

@@ -81,7 +81,6 @@ class PtySession:
         self._on_end = on_end
         self._on_closed = on_closed
         self._closed_notified = False
-        self._forced = False
         self._kill_grace = kill_grace
         self._loop = loop or asyncio.get_running_loop()
         self._prefix = (b'{"type":"x-data","sessionId":'
@@ -197,16 +196,19 @@ class PtySession:
         await future
 
     def force_close(self) -> None:
-        """Last resort at shutdown: SIGKILL, close everything, reap if possible."""
+        """Out of time (shutdown): SIGKILL the group now and drop what is still queued.
+
+        The pidfd stays registered, so the loop still reaps the child if it keeps running.
+        """
         self._pending.clear()
         self._pending_raw = 0
         self._cancel_timers(retry=True)
+        self._ended = True
         if not self._reaped and self.pid > 0:
             self._signal_group(signal.SIGKILL)
-            self._check_child()
+            if self._pidfd < 0:
+                self._poll_child()
         self._close_master()
-        self._ended = True
-        self._forced = True
         self._maybe_closed()
 
     @property
@@ -215,8 +217,7 @@ class PtySession:
 
     @property
     def closed(self) -> bool:
-        return self._forced or (self._ended and self._reaped and self._fd < 0
-                                and not self._pending)
+        return self._ended and self._reaped and self._fd < 0 and not self._pending
 
     @property
     def buffered(self) -> int:

@@ -682,6 +682,29 @@ def test_shutdown_tells_every_session_and_reaps_them() -> None:
     run(body)
 
 
+def test_shutdown_is_bounded_even_when_cut_short() -> None:
+    async def body() -> None:
+        config = replace(CONFIG, shell=("/bin/sh", "-c", "trap '' HUP; echo up; "
+                                        "while :; do sleep 1; done"))
+        manager, link = new_manager(config, kill_grace=60.0)  # x-stop's grace is not used
+        await start(manager, link, "a")
+        await link.wait_output("a", b"up")
+        pid_a = session_info(manager, "a")["pid"]
+        await manager.shutdown(grace=0.1)
+        await until(lambda: gone(pid_a), "shell SIGKILLed at shutdown")
+
+        manager, link = new_manager(config, kill_grace=60.0)
+        await start(manager, link, "b")
+        await link.wait_output("b", b"up")
+        pid_b = session_info(manager, "b")["pid"]
+        with pytest.raises(asyncio.TimeoutError):  # the daemon's own budget runs out first
+            await asyncio.wait_for(manager.shutdown(), 0.05)
+        assert link.of("b")[-1].body["error"] == "bridge shutting down"
+        await until(lambda: gone(pid_b), "shell SIGKILLed when shutdown was cancelled")
+        await until(lambda: manager.counters()["closing"] == 0, "session closed")
+    run(body)
+
+
 def test_500_start_stop_cycles_leave_nothing_behind() -> None:
     async def body() -> None:
         loop = asyncio.get_running_loop()
