@@ -33,8 +33,10 @@ scalars = (st.none() | st.booleans() | st.integers() | st.text(max_size=12)
 json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
                            | st.dictionaries(st.text(max_size=6), inner, max_size=3),
                            max_leaves=8)
-ids = (st.text(max_size=16) | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
-       | st.sampled_from([None, True, [], {}, "cmd_1700000000_a9f1_1", 0, 1, "1", 1.0]))
+odd_ids: list[Any] = [None, True, [], {}, "cmd_1700000000_a9f1_1", 0, 1, "1", 1.0]
+ids: st.SearchStrategy[Any] = (st.text(max_size=16) | st.integers()
+                               | st.floats(allow_nan=False, allow_infinity=False)
+                               | st.sampled_from(odd_ids))
 path_names = st.sampled_from(["system", "bridge", "network.device", "network.interface",
                               "service", "log", "file", "uci", "nosuch"])
 method_names = st.sampled_from(["info", "board", "ping", "sessions", "status", "dump", "list",
