@@ -59,3 +59,8 @@ clean:
 .PHONY: ipk
 ipk: $(VENV)/.installed
 	$(VENV)/bin/python packaging/build_ipk.py --out dist
+
+## make bench: every figure beside a floor measured in the same run (docs/BENCHMARKS.md);
+## BENCH_QUICK=1 for a ~1 minute smoke run, COMPARE=path.json for the change against an earlier run
+bench: $(VENV)/.installed mosquitto
+	PATH="/usr/sbin:$$PATH" $(VENV)/bin/python -m bench.run $(if $(COMPARE),--compare '$(COMPARE)')

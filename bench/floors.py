@@ -1,0 +1,239 @@
+"""The floors: what the same work costs without the bridge, measured in the same run.
+
+``python -m bench.floors serve`` is the minimal MQTT client that stands in for
+the bridge: it echoes ``x/in`` and ``rpc/request`` payloads straight back
+unchanged and, on request, publishes a byte stream as ``x-data`` messages of
+the bridge's batch size. The other floors run inside the bench process: a bare
+reader draining a command from a local PTY (no MQTT), the import time and RSS
+of the bridge's dependencies, and the fake ubus's exec time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import paho.mqtt.client as paho
+
+from spotfi_bridge import mqtt_compat
+from spotfi_bridge.protocol import Topics, x_data
+
+#: What the bridge imports that costs: the import floor of start-up time and RSS.
+IMPORTS = "paho.mqtt.client, psutil, ptyprocess, asyncio, json, ssl"
+IMPORT_CODE = (
+    f"import {IMPORTS}\n"
+    "import time\n"
+    "t = time.perf_counter()\n"
+    "rss = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS')][0]\n"
+    "print(t, rss)\n"
+)
+
+STREAM_CONTROL_TOPIC = "bench/floor/stream"
+
+
+# ---------------------------------------------------------------------- MQTT floor process
+
+
+@dataclass
+class _Stream:
+    data: bytes
+    chunk: int
+    session: str
+    topic: str
+    qos: int
+    offset: int = 0
+    seq: int = 0
+
+
+def serve(port: int, router_id: str, out_topic: str, max_inflight: int) -> int:
+    topics = Topics(router_id)
+    replies: list[tuple[str, bytes]] = []
+    streams: list[_Stream] = []
+    state = {"connected": False, "subscribed": 0}
+
+    def on_connect(result: mqtt_compat.ConnectResult) -> None:
+        if result.ok:
+            state["connected"] = True
+            for topic in (topics.x_in, topics.rpc_request, STREAM_CONTROL_TOPIC):
+                client.subscribe(topic, 1)
+
+    def on_message(topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        # replied to outside the callback, where paho writes at once instead of next loop
+        if topic == topics.x_in:
+            replies.append((out_topic, payload))
+        elif topic == topics.rpc_request:
+            replies.append((topics.rpc_response, payload))
+        elif topic == STREAM_CONTROL_TOPIC:
+            spec: dict[str, Any] = json.loads(payload)
+            with open(spec["file"], "rb") as handle:
+                data = handle.read()
+            streams.append(_Stream(data, int(spec["chunk"]), spec["session"], spec["topic"],
+                                   int(spec["qos"])))
+
+    def on_disconnect(rc: int) -> None:
+        state["connected"] = False
+
+    client = mqtt_compat.new_client(f"bench-floor-{os.getpid()}", clean_session=True)
+    mqtt_compat.bind_callbacks(client, on_connect=on_connect, on_disconnect=on_disconnect,
+                               on_message=on_message, on_publish=lambda mid: None)
+    client.on_socket_open = lambda _c, _u, sock: _nodelay(sock)
+    client.on_subscribe = lambda *args: state.__setitem__("subscribed", state["subscribed"] + 1)
+    client.max_inflight_messages_set(max_inflight)
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", port, keepalive=60)
+    announced = False
+    while True:
+        rc = client.loop(0.0 if (streams or replies) else 1.0)
+        if rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_AGAIN):
+            return 1  # broker gone: the bench starts a new floor when it needs one
+        if not announced and state["subscribed"] >= 3:
+            print("ready", flush=True)
+            announced = True
+        while replies:
+            topic, payload = replies.pop(0)
+            client.publish(topic, payload, qos=1)
+        if streams:
+            stream = streams[0]
+            piece = stream.data[stream.offset:stream.offset + stream.chunk]
+            client.publish(stream.topic, x_data(stream.session, piece, stream.seq), qos=stream.qos)
+            stream.offset += len(piece)
+            stream.seq += 1
+            if stream.offset >= len(stream.data):
+                streams.pop(0)
+
+
+def _nodelay(sock: Any) -> None:
+    from bench.api import set_nodelay
+
+    set_nodelay(sock)
+
+
+class FloorProcess:
+    """The ``serve`` floor as a child of the bench."""
+
+    def __init__(self, port: int, router_id: str, out_topic: str, max_inflight: int = 100) -> None:
+        self.router_id = router_id
+        self.topics = Topics(router_id)
+        self.out_topic = out_topic
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=root)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.floors", "serve", "--port", str(port), "--router",
+             router_id, "--out-topic", out_topic, "--max-inflight", str(max_inflight)],
+            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, cwd=root)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if line.strip() != b"ready":
+            self.close()
+            raise RuntimeError(f"floor client did not start: {line!r}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+# ---------------------------------------------------------------------- in-process floors
+
+
+def drain_pty(argv: list[str]) -> tuple[bytes, float]:
+    """Run ``argv`` on a fresh PTY (cooked mode) and read its master until EOF, 64 KiB a read.
+
+    Returns the bytes and the seconds from spawn to EOF: the line discipline's own limit.
+    """
+    master, slave = os.openpty()
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: every slave side is closed
+            break
+        if not data:
+            break
+        chunks.append(data)
+    elapsed = time.perf_counter() - started
+    os.close(master)
+    proc.wait()
+    return b"".join(chunks), elapsed
+
+
+class PtyEcho:
+    """A local shell on a PTY: the time its line discipline takes to echo one key."""
+
+    def __init__(self, shell: str = "/bin/sh") -> None:
+        self.master, slave = os.openpty()
+        self.proc = subprocess.Popen([shell], stdin=slave, stdout=slave, stderr=slave,
+                                     start_new_session=True)
+        os.close(slave)
+        self._drain_prompt()
+
+    def _drain_prompt(self) -> None:
+        import select
+
+        while select.select([self.master], [], [], 0.3)[0]:
+            os.read(self.master, 65536)
+
+    def sample(self, key: bytes, echo_length: int) -> float:
+        started = time.perf_counter()
+        os.write(self.master, key)
+        got = 0
+        while got < echo_length:
+            got += len(os.read(self.master, 65536))
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        os.close(self.master)
+        self.proc.kill()
+        self.proc.wait()
+
+
+def import_floor(env: dict[str, str], cwd: Optional[str] = None) -> tuple[float, int]:
+    """Seconds from spawn to the dependencies imported, and the RSS (KiB) at that point."""
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", IMPORT_CODE], env=env, cwd=cwd,
+                         capture_output=True, check=True).stdout.split()
+    # perf_counter is CLOCK_MONOTONIC: one clock for every process on the machine
+    return float(out[0]) - started, int(out[1])
+
+
+def exec_floor(argv: list[str]) -> float:
+    """Seconds to spawn ``argv``, collect its output and reap it."""
+    started = time.perf_counter()
+    subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, check=True)
+    return time.perf_counter() - started
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.floors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = sub.add_parser("serve", help="the minimal echo/stream MQTT client")
+    serve_cmd.add_argument("--port", type=int, required=True)
+    serve_cmd.add_argument("--router", required=True)
+    serve_cmd.add_argument("--out-topic", required=True)
+    serve_cmd.add_argument("--max-inflight", type=int, default=100)
+    args = parser.parse_args(argv)
+    try:
+        return serve(args.port, args.router, args.out_topic, args.max_inflight)
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
