@@ -38,6 +38,7 @@ while [ $# -gt 0 ]; do
 done
 [ "$1" = call ] || { echo "fake ubus: expected 'call', got '$1'" >&2; exit 1; }
 path="$2"; method="$3"; args="$4"
+[ -n "$FAKE_UBUS_RUNS" ] && echo "$path $method" >> "$FAKE_UBUS_RUNS"
 case "$path.$method" in
   system.info) echo '@SYSTEM_INFO@' ;;
   system.*) exit 3 ;;
