@@ -485,6 +485,52 @@ def test_launcher_check_config_with_the_legacy_env_file(unpacked: Path, tmp_path
     assert TOKEN not in result.stdout + result.stderr
 
 
+def other_pythons() -> list[str]:
+    """Interpreters of other router releases found on this machine (3.13 is 25.12's)."""
+    found = []
+    for pattern in ("/root/.pyenv/versions/3.13*/bin/python3.13", "/usr/bin/python3.13",
+                    "/usr/local/bin/python3.13"):
+        found.extend(str(path) for path in sorted(Path("/").glob(pattern.lstrip("/"))))
+    return sorted(set(found))[:1]
+
+
+@pytest.mark.parametrize("python", other_pythons() or
+                         [pytest.param("", marks=pytest.mark.skip("no Python 3.13 here"))])
+def test_launcher_runs_on_python_3_13(unpacked: Path, tmp_path: Path, python: str) -> None:
+    # --version and check-config need only the standard library
+    env_file = tmp_path / "spotfi.env"
+    env_file.write_text(f"SPOTFI_ROUTER_ID=r3\nSPOTFI_TOKEN={TOKEN}\n"
+                        "SPOTFI_MQTT_BROKER=mqtts://broker.invalid\n")
+    env_file.chmod(0o600)
+    version = run_launcher(unpacked, "--version", env_file=env_file,
+                           SPOTFI_BRIDGE_PYTHON=python)
+    assert version.stdout.strip() == f"spotfi-bridge {__version__}", version.stderr
+    check = run_launcher(unpacked, "check-config", env_file=env_file,
+                         SPOTFI_BRIDGE_PYTHON=python)
+    assert check.returncode == 0, check.stderr
+    assert "mqtts://broker.invalid" in check.stdout and TOKEN not in check.stdout
+
+
+def test_busybox_tar_unpacks_it_like_the_raw_reading(ipk: Ipk, tmp_path: Path) -> None:
+    busybox = shutil.which("busybox")
+    if not busybox or subprocess.run([busybox, "tar", "--help"],
+                                     capture_output=True).returncode != 0:
+        pytest.skip("no busybox tar here")
+    subprocess.run([busybox, "tar", "-xzf", str(ipk.path)], cwd=tmp_path, check=True)
+    assert (tmp_path / "debian-binary").read_bytes() == b"2.0\n"
+    root = tmp_path / "root"
+    root.mkdir()
+    subprocess.run([busybox, "tar", "-xzf", str(tmp_path / "data.tar.gz")], cwd=root,
+                   check=True)
+    for name, header in ipk.data().items():
+        if name == "./":
+            continue
+        path = root / name
+        assert path.stat().st_mode & 0o7777 == header.mode, name
+        if header.typeflag == "0":
+            assert path.read_bytes() == header.data, name
+
+
 def test_builder_command_line(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(BUILDER), "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=60)
