@@ -487,7 +487,7 @@ def test_launcher_check_config_with_the_legacy_env_file(unpacked: Path, tmp_path
 
 def other_pythons() -> list[str]:
     """Interpreters of other router releases found on this machine (3.13 is 25.12's)."""
-    found = []
+    found: list[str] = []
     for pattern in ("/root/.pyenv/versions/3.13*/bin/python3.13", "/usr/bin/python3.13",
                     "/usr/local/bin/python3.13"):
         found.extend(str(path) for path in sorted(Path("/").glob(pattern.lstrip("/"))))
