@@ -445,7 +445,7 @@ def parse_broker_url(url: str) -> BrokerAddress:
     except ValueError:
         raise _Invalid from None
     scheme = parts.scheme.lower()
-    if scheme not in SCHEMES or not parts.hostname:
+    if scheme not in SCHEMES or not parts.hostname or port == 0:
         raise _Invalid
     transport, tls, default_port = SCHEMES[scheme]
     ws_path = parts.path or "/mqtt"
@@ -532,6 +532,15 @@ def _required(raw: _Raw, section: str, key: str) -> Any:
     return value
 
 
+def _where(raw: _Raw, section: str, *keys: str) -> str:
+    """Where the first of ``keys`` that was set came from (a limit broken by defaults alone
+    cannot happen, so one of them was set)."""
+    for key in keys:
+        if (section, key) in raw:
+            return str(raw[(section, key)][1])
+    return "defaults"
+
+
 def _build(raw: _Raw, sources: tuple[str, ...], warnings: tuple[str, ...]) -> Config:
     router = RouterConfig(
         id=_required(raw, "router", "id"),
@@ -550,7 +559,7 @@ def _build(raw: _Raw, sources: tuple[str, ...], warnings: tuple[str, ...]) -> Co
         mqtt_values["protocol"] = "5" if mqtt_values["protocol"] == "5" else "3.1.1"
     mqtt = MqttConfig(**mqtt_values)
     if mqtt.backoff_max < mqtt.backoff_min:
-        where = raw.get(("mqtt", "backoff_max"), (None, "defaults"))[1]
+        where = _where(raw, "mqtt", "backoff_max", "backoff_min")
         raise ConfigError(f"{where}: [mqtt] backoff_max = {mqtt.backoff_max} is invalid: expected a "
                           f"number not below backoff_min ({mqtt.backoff_min})")
     tls = TlsConfig(**_section(raw, "tls"))
@@ -564,7 +573,7 @@ def _build(raw: _Raw, sources: tuple[str, ...], warnings: tuple[str, ...]) -> Co
                           f"cert_file: expected both or neither")
     rpc = RpcConfig(**_section(raw, "rpc"))
     if rpc.max_timeout < rpc.default_timeout:
-        raise ConfigError(f"{raw.get(('rpc', 'max_timeout'), (0, 'defaults'))[1]}: [rpc] "
+        raise ConfigError(f"{_where(raw, 'rpc', 'max_timeout', 'default_timeout')}: [rpc] "
                           f"max_timeout = {rpc.max_timeout} is invalid: expected a number not "
                           f"below default_timeout ({rpc.default_timeout})")
     log_values = _section(raw, "log")

@@ -23,7 +23,11 @@ class RedactSecrets(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not self.secrets:
             return True
-        text = record.getMessage()
+        try:
+            text = record.getMessage()
+        except Exception:  # bad format args: never raise into the caller, never print the args
+            text = f"{record.msg} [log call with arguments that do not fit its format]"
+            record.msg, record.args = text, None
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         exc_text = record.exc_text or ""

@@ -79,7 +79,7 @@ class Topics:
         """
         if topic == self.x_out:
             return None
-        if _API_OUT_TOPIC.match(topic):
+        if _API_OUT_TOPIC.fullmatch(topic):  # fullmatch: '$' alone lets a trailing newline in
             return None
         return "responseTopic must be spotfi/api/<instance>/x/out or this router's x/out"
 
@@ -104,6 +104,8 @@ def decode_object(payload: bytes) -> Union[dict[str, Any], str]:
         return "payload JSON is nested too deeply"
     except json.JSONDecodeError as exc:
         return f"payload is not valid JSON: {exc.msg} at position {exc.pos}"
+    except ValueError as exc:  # e.g. an integer over Python's 4300-digit conversion limit
+        return f"payload is not usable JSON: {str(exc)[:100]}"
     if not isinstance(value, dict):
         return f"payload must be a JSON object, got {type(value).__name__}"
     return value
