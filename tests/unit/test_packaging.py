@@ -8,6 +8,7 @@ launcher must run the packaged code, not this checkout's.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import io
@@ -60,12 +61,17 @@ def load_builder() -> ModuleType:
     return module
 
 
-def shell() -> list[str]:
-    """busybox ash (OpenWrt's /bin/sh) when this machine has it, else sh."""
+@functools.cache
+def _shell() -> tuple[str, ...]:
     busybox = shutil.which("busybox")
     if busybox and subprocess.run([busybox, "ash", "-c", "true"]).returncode == 0:
-        return [busybox, "ash"]
-    return ["sh"]
+        return (busybox, "ash")
+    return ("sh",)
+
+
+def shell() -> list[str]:
+    """busybox ash (OpenWrt's /bin/sh) when this machine has it, else sh."""
+    return list(_shell())
 
 
 # --------------------------------------------------------------------------- raw tar reading
