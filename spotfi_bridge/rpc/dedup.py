@@ -9,8 +9,11 @@ answered is remembered, which is enough never to run the request again.
 from __future__ import annotations
 
 import json
+import logging
 from collections import OrderedDict
 from typing import Any, Callable, Optional
+
+logger = logging.getLogger("spotfi_bridge.rpc")
 
 
 def id_key(req_id: Any) -> str:
@@ -28,7 +31,7 @@ class _Entry:
 
 class DedupTable:
     def __init__(self, window: float, clock: Callable[[], float], *, max_entries: int = 4096,
-                 max_bytes: int = 8 * 1024 * 1024) -> None:
+                 max_bytes: int = 2 * 1024 * 1024) -> None:
         self.window = window
         self.max_entries = max_entries
         self.max_bytes = max_bytes
@@ -37,6 +40,8 @@ class DedupTable:
         self._bytes = 0
         #: replies given up to stay within the bounds (their ids are still remembered)
         self.dropped_replies = 0
+        #: ids forgotten before the window ended (entry bound): a redelivery would run again
+        self.evicted = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -87,6 +92,11 @@ class DedupTable:
         self.purge()
         while len(self._entries) > self.max_entries:
             self._forget(next(iter(self._entries)))
+            self.evicted += 1
+            if self.evicted == 1 or self.evicted % 1000 == 0:
+                logger.warning("rpc: dedup table full (%d ids): forgot an id before its %g s "
+                               "window ended (%d so far)", self.max_entries, self.window,
+                               self.evicted)
         if self._bytes > self.max_bytes:
             for entry in self._entries.values():
                 if self._bytes <= self.max_bytes:

@@ -163,7 +163,7 @@ class RpcExecutor:
         secrets: Callable[[], Iterable[str]] = _no_secrets,
         clock: Callable[[], float] = time.time,
         dedup_max_entries: int = 4096,
-        dedup_max_bytes: int = 8 * 1024 * 1024,
+        dedup_max_bytes: int = 2 * 1024 * 1024,
     ) -> None:
         """``secrets`` returns strings (the router token) that must never appear in a
         ``bridge`` answer; ``clock`` is the wall clock requests' timestamps are read against."""
@@ -207,6 +207,8 @@ class RpcExecutor:
         counts["running"] = len(self._running)
         counts["queued"] = len(self._queue)
         counts["dedup_entries"] = len(self._dedup)
+        counts["dedup_evicted"] = self._dedup.evicted
+        counts["dedup_replies_dropped"] = self._dedup.dropped_replies
         return counts
 
     def reconfigure(self, config: RpcConfig) -> None:

@@ -223,6 +223,7 @@ def test_dedup_table_is_bounded_and_never_runs_an_answered_id_twice() -> None:
     # 0 fell out of the table (entry bound): it is answered afresh
     assert again_0["status"] == "success" and again_0["id"] == 0
     assert counters["duplicates"] == 2 and counters["ok"] == 51
+    assert counters["dedup_evicted"] == 41 and counters["dedup_replies_dropped"] > 0
 
 
 # --------------------------------------------------------------------------- expiry
