@@ -571,7 +571,13 @@ def _build(raw: _Raw, sources: tuple[str, ...], warnings: tuple[str, ...]) -> Co
     if bool(tls.cert_file) != bool(tls.key_file) and not tls.cert_file:
         raise ConfigError(f"{raw[('tls', 'key_file')][1]}: [tls] key_file is set without "
                           f"cert_file: expected both or neither")
-    rpc = RpcConfig(**_section(raw, "rpc"))
+    rpc_values = _section(raw, "rpc")
+    if "timeouts" in rpc_values:  # the user's patterns first; built-in ones still apply after
+        user = rpc_values["timeouts"]
+        rpc_values["timeouts"] = user + tuple(
+            (pattern, seconds) for pattern, seconds in RpcConfig.timeouts
+            if pattern not in {p for p, _ in user})
+    rpc = RpcConfig(**rpc_values)
     if rpc.max_timeout < rpc.default_timeout:
         raise ConfigError(f"{_where(raw, 'rpc', 'max_timeout', 'default_timeout')}: [rpc] "
                           f"max_timeout = {rpc.max_timeout} is invalid: expected a number not "

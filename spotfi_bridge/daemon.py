@@ -140,7 +140,9 @@ class Daemon:
             log.error("reload failed, keeping the running config: %s", exc)
             return
         self.stats["reloads"] += 1
-        logs.setup_logging(self.log_level_override or config.log_level, [config.router.token])
+        # the old token stays redacted too: it may still show up in late log lines
+        logs.setup_logging(self.log_level_override or config.log_level,
+                           [config.router.token, self.config.router.token])
         for warning in config.warnings:
             log.warning("%s", warning)
         if config.router.id != self.config.router.id:

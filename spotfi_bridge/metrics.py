@@ -79,6 +79,7 @@ class MetricsCollector:
         if self.use_ubus:
             await self._guard("system info (ubus)", self._ubus_system, metrics)
             await self._guard("uspot clients (ubus)", self._ubus_uspot, metrics)
+            metrics.setdefault("activeUsers", 0)  # no uspot: no hotspot clients
         else:
             await self._guard("system (psutil)", self._local_system, metrics)
             metrics.setdefault("activeUsers", 0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -114,6 +115,8 @@ def decode_object(payload: bytes) -> Union[dict[str, Any], str]:
 def _readable_id(obj: dict[str, Any], key: str) -> Any:
     """The id as sent, when it is usable to route a reply (JSON scalar, not null)."""
     value = obj.get(key)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # NaN/Infinity cannot be echoed back as JSON
     if isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return value
     return None

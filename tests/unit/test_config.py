@@ -593,7 +593,7 @@ def test_redacted_masks_the_token_and_is_json() -> None:
     assert data["router"]["token"] == f"<set, {len(TOKEN)} characters>"
     assert data["router"]["id"] == "router-1"
     assert data["mqtt"]["broker"] == "mqtt://broker.example.com"
-    assert data["rpc"]["timeouts"] == {"uci.*": 10.0}
+    assert data["rpc"]["timeouts"] == {"uci.*": 10.0, "file.exec": 120.0}  # defaults kept
     assert data["metrics"]["interval"] == 30.0
     assert TOKEN not in repr(cfg)  # nobody logs a config object with the token in it
 

@@ -230,11 +230,12 @@ def test_failing_collector_is_left_out_logged_once_and_recovers(
     assert len(recovered) == 1 and "system info" in recovered[0].getMessage()
 
 
-def test_missing_uspot_leaves_active_users_out(ubus: FakeUbus,
+def test_missing_uspot_counts_zero_active_users(ubus: FakeUbus,
                                                caplog: pytest.LogCaptureFixture) -> None:
+    # no uspot means no hotspot clients; the API must not read `undefined`
     ubus.fail("uspot", "client_list", "Not found")
     metrics = run(MetricsCollector(use_ubus=True).collect)
-    assert "activeUsers" not in metrics
+    assert metrics["activeUsers"] == 0
     assert metrics["uptime"] == "123456"
     assert any("uspot" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
 
