@@ -279,7 +279,7 @@ class RpcExecutor:
             self._answer(key, req_id, Outcome(error=problem))
             return
         if parsed.path == BRIDGE_OBJECT:
-            self._answer(key, req_id, bridge_ns.answer(parsed.method, self._bridge))
+            self._answer(key, req_id, self._bridge_answer(parsed))
             return
         job = _Job(key, parsed, Call(parsed.path, parsed.method, parsed.args,
                                      self._timeout(parsed), self._config.output_cap))
@@ -345,6 +345,15 @@ class RpcExecutor:
                                request.path, request.method, field, text[:64])
                 return ERROR_EXPIRED
         return None
+
+    def _bridge_answer(self, request: RpcRequest) -> Outcome:
+        try:
+            return bridge_ns.answer(request.method, self._bridge)
+        except Exception as exc:  # the daemon's info() or sessions() failed
+            self._counts["internal"] += 1
+            logger.error("rpc %s: bridge.%s failed inside the bridge", _show_id(request.id),
+                         request.method, exc_info=True)
+            return Outcome(error=f"internal error: {type(exc).__name__}")
 
     def _timeout(self, request: RpcRequest) -> float:
         if request.timeout_ms is not None:
@@ -422,7 +431,13 @@ class RpcExecutor:
         self._send(reply)
 
     def _send(self, reply: bytes) -> None:
-        if not self._publish(self._topic, reply, qos=1):
+        try:
+            accepted = self._publish(self._topic, reply, qos=1)
+        except Exception:  # a link bug must not stall the queue behind this reply
+            self._counts["internal"] += 1
+            logger.exception("rpc: publishing a reply of %d bytes failed", len(reply))
+            return
+        if not accepted:
             self._counts["publish_refused"] += 1
             logger.warning("rpc: reply of %d bytes refused by the link (outbox full), lost",
                            len(reply))

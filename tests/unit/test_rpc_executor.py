@@ -159,6 +159,36 @@ def test_a_backend_bug_is_an_error_reply_not_a_crash() -> None:
     assert counters["internal"] == 1
 
 
+def test_failing_info_or_publish_never_stalls_the_executor(fake_ubus: Path) -> None:
+    sent: list[bytes] = []
+    config = RpcConfig(max_concurrent=1)
+
+    def flaky_publish(topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                      on_sent: Any = None) -> bool:
+        sent.append(payload)
+        if len(sent) == 1:
+            raise RuntimeError("link bug")
+        return True
+
+    def broken_info() -> dict[str, Any]:
+        raise KeyError("boom")
+
+    async def body() -> dict[str, int]:
+        executor = RpcExecutor(config, flaky_publish, TOPIC, UbusBackend(config, str(fake_ubus)),
+                               info=broken_info)
+        executor.handle(request("first", "system", "info"))  # its publish raises
+        executor.handle(request("second", "system", "info"))  # queued behind it
+        executor.handle(request("info", "bridge", "info"))
+        await executor.wait_idle()
+        return executor.counters()
+
+    counters = run(body)
+    replies = {json.loads(p)["id"]: json.loads(p) for p in sent}
+    assert replies["info"]["error"] == "internal error: KeyError"
+    assert replies["second"]["result"] == SYSTEM_INFO
+    assert counters["internal"] == 2 and counters["running"] == 0
+
+
 def test_refused_publish_is_counted() -> None:
     collector = Collector()
     collector.refuse = True
