@@ -587,6 +587,30 @@ def test_refusing_link_loses_nothing_and_keeps_order() -> None:
     run(body)
 
 
+def test_qos0_and_acknowledgements_inside_publish() -> None:
+    async def body() -> None:
+        argv = ("seq", "1", "50000")
+        link = FakeLink()
+        recorder = link
+
+        def publish(topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                    on_sent: Optional[OnSent] = None) -> bool:
+            # paho may report a QoS 0 write before publish() returns: on_sent re-enters
+            accepted = recorder(topic, payload, qos, retain)
+            if on_sent is not None:
+                on_sent()
+            return accepted
+
+        config = replace(CONFIG, shell=argv, qos=0, batch_bytes=2048)
+        manager = SessionManager(config, publish, TOPICS)
+        await start(manager, link, "q0")
+        await link.wait_x("q0", "x-error")
+        assert {m.qos for m in link.of("q0")} == {0}
+        expected = subprocess.run(argv, capture_output=True, check=True).stdout
+        assert link.output("q0").replace(b"\r\n", b"\n") == expected
+    run(body)
+
+
 def test_large_input_is_written_in_order_when_the_pty_is_full(tmp_path: Any) -> None:
     async def body() -> None:
         target = tmp_path / "got"
