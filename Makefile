@@ -63,4 +63,5 @@ ipk: $(VENV)/.installed
 ## make bench: every figure beside a floor measured in the same run (docs/BENCHMARKS.md);
 ## BENCH_QUICK=1 for a ~1 minute smoke run, COMPARE=path.json for the change against an earlier run
 bench: $(VENV)/.installed mosquitto
+	$(if $(filter-out 0,$(BENCH_PROFILE)),test -x $(VENV)/bin/py-spy || $(VENV)/bin/pip install -q --disable-pip-version-check py-spy)
 	PATH="/usr/sbin:$$PATH" $(VENV)/bin/python -m bench.run $(if $(COMPARE),--compare '$(COMPARE)')

@@ -174,6 +174,40 @@ def drain_pty(argv: list[str]) -> tuple[bytes, float]:
     return b"".join(chunks), elapsed
 
 
+def drain_ptys(argv: list[str], count: int) -> list[tuple[bytes, float]]:
+    """``count`` copies of ``argv`` on their own PTYs at once, drained by one select loop."""
+    import select
+
+    started = time.perf_counter()
+    masters: dict[int, list[bytes]] = {}
+    procs = []
+    for _ in range(count):
+        master, slave = os.openpty()
+        procs.append(subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave,
+                                      start_new_session=True))
+        os.close(slave)
+        masters[master] = []
+    ended: dict[int, float] = {}
+    while len(ended) < count:
+        ready, _, _ = select.select([fd for fd in masters if fd not in ended], [], [], 30)
+        if not ready:
+            raise RuntimeError("the parallel PTY floor stalled")
+        for fd in ready:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                data = b""
+            if data:
+                masters[fd].append(data)
+            else:
+                ended[fd] = time.perf_counter() - started
+    for fd in masters:
+        os.close(fd)
+    for proc in procs:
+        proc.wait()
+    return [(b"".join(chunks), ended[fd]) for fd, chunks in masters.items()]
+
+
 class PtyEcho:
     """A local shell on a PTY: the time its line discipline takes to echo one key."""
 

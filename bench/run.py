@@ -9,7 +9,9 @@ interleaved inside each repetition so that machine noise hits both alike.
 Environment: ``BENCH_QUICK=1`` (a ~1 minute smoke run), ``BENCH_IDLE_SECONDS``
 (idle window, default 60), ``BENCH_REPS``, ``BENCH_SET`` (bridge config
 overrides, e.g. ``terminal.batch_bytes=65536,terminal.qos=0``),
-``BENCH_STRICT=1`` (exit 1 when a target is missed).
+``BENCH_STRICT=1`` (exit 1 when a target is missed), ``BENCH_PROFILE=1`` (py-spy
+profiles of the bridge, one per phase, summarised in the output and the JSON),
+``BENCH_KEEP=1`` (keep the work directory with the bridge's and broker's logs).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import json
 import math
 import os
 import platform
+import re
+import resource
 import shutil
 import signal
 import socket
@@ -45,9 +49,11 @@ from bench.floors import (  # noqa: E402
     FloorProcess,
     PtyEcho,
     drain_pty,
+    drain_ptys,
     exec_floor,
     import_floor,
 )
+from bench.profile import Recording, find_py_spy, render, summarize  # noqa: E402
 from bench.stats import Figure, compare, median, percentile, table  # noqa: E402
 from spotfi_bridge import mqtt_compat, protocol  # noqa: E402
 from spotfi_bridge.config import TerminalConfig  # noqa: E402
@@ -82,6 +88,7 @@ class Settings:
     concurrent_rpcs: int
     outage_seconds: float
     outage_reps: int
+    profile: bool = False
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
@@ -99,9 +106,10 @@ class Settings:
             rpc_calls=50 if quick else 200,
             concurrent_rpcs=50,
             outage_seconds=3.0,
-            outage_reps=1 if quick else 3,
+            outage_reps=1 if quick else 5,
         )
         settings.overrides = parse_overrides(env.get("BENCH_SET", ""))
+        settings.profile = env.get("BENCH_PROFILE", "") not in ("", "0")
         return settings
 
     def terminal(self) -> TerminalConfig:
@@ -173,6 +181,34 @@ def log(text: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as handle:
+                found += [int(p) for p in handle.read().split()]
+    except OSError:
+        pass
+    return found
+
+
+class BenchBridge(BridgeProcess):
+    """The harness's bridge, optionally started under a wrapper (py-spy)."""
+
+    prefix: tuple[str, ...] = ()
+
+    def start(self) -> BenchBridge:
+        if not self.prefix:
+            super().start()
+            return self
+        with open(self.log_path, "ab") as log_file:
+            self.proc = subprocess.Popen(
+                [*self.prefix, sys.executable, "-m", "spotfi_bridge", "run", *self.args],
+                env=self.env, stdout=log_file, stderr=log_file, stdin=subprocess.DEVNULL,
+                cwd=str(self.dir))
+        return self
+
+
 # --------------------------------------------------------------------------- the bench
 
 
@@ -203,6 +239,12 @@ class Bench:
         for section, values in settings.overrides.items():
             tables.setdefault(section, {}).update(values)
         self.toml = toml_text(tables)
+        self.py_spy: Optional[str] = None
+        if settings.profile:
+            self.py_spy = find_py_spy()
+            if self.py_spy is None:
+                raise SystemExit("BENCH_PROFILE=1 needs py-spy (pip install py-spy, or set "
+                                 "BENCH_PY_SPY=/path/to/py-spy)")
 
     # ------------------------------------------------------------------ plumbing
 
@@ -214,10 +256,10 @@ class Bench:
     def bridge_env(self) -> dict[str, str]:
         return {"PATH": self.path, "SPOTFI_ENV_FILE": "/nonexistent", "SPOTFI_LOG_LEVEL": "info"}
 
-    def new_bridge(self) -> BridgeProcess:
+    def new_bridge(self) -> BenchBridge:
         assert self.broker is not None
-        return BridgeProcess(self.broker.url, router_id=ROUTER_ID, token="bench-token",
-                             toml=self.toml, env=self.bridge_env())
+        return BenchBridge(self.broker.url, router_id=ROUTER_ID, token="bench-token",
+                           toml=self.toml, env=self.bridge_env())
 
     def start_bridge(self) -> tuple[BridgeProcess, float]:
         """Start a bridge; returns it and the seconds from spawn to its retained ONLINE."""
@@ -309,6 +351,10 @@ class Bench:
         """Run one phase; if it breaks, its figures are recorded as failed with the reason."""
         log(f"{name}...")
         started = time.monotonic()
+        recording = None
+        if self.py_spy and self.bridge is not None and self.bridge.proc is not None:
+            slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+            recording = Recording(self.py_spy, self.bridge.pid, RESULTS / f"profile-{slug}.txt")
         try:
             body()
         except Exception as exc:
@@ -319,7 +365,39 @@ class Bench:
             for fig_name, unit in figures:
                 if fig_name not in known:
                     self.add(Figure(fig_name, math.nan, unit, ok=False, note="phase failed"))
+        finally:
+            if recording is not None:
+                self.keep_profile(name, recording.stop())
         self.raw.setdefault("phase_seconds", {})[name] = round(time.monotonic() - started, 2)
+
+    def keep_profile(self, name: str, path: Optional[Path]) -> None:
+        if path is None:
+            self.problems.append(f"py-spy wrote no profile for {name}")
+            return
+        summary = summarize(path)
+        self.raw.setdefault("profiles", {})[name] = {"file": str(path), **summary}
+        print(render(name, summary), flush=True)
+
+    def profile_start(self) -> None:
+        """One more start, under ``py-spy record`` from exec to ONLINE."""
+        assert self.py_spy is not None
+        out = RESULTS / "profile-start.txt"
+        bridge = self.new_bridge()
+        bridge.prefix = (self.py_spy, "record", "--rate", "1000", "--format", "raw", "-o",
+                         str(out), "--")
+        mark = len(self.status)
+        bridge.start()
+        try:
+            self.wait_online(mark, 30)
+        finally:
+            child = _children(bridge.pid)
+            for pid in child:  # SIGKILL: no shutdown in the samples; py-spy then writes its file
+                os.kill(pid, signal.SIGKILL)
+            try:
+                bridge.proc.wait(20) if bridge.proc is not None else None
+            except subprocess.TimeoutExpired:
+                bridge.kill()
+        self.keep_profile("start to ONLINE", out if out.exists() else None)
 
     # ------------------------------------------------------------------ sessions
 
@@ -355,6 +433,8 @@ class Bench:
         try:
             self.phase("start to ONLINE, idle RSS", self.bench_start,
                        [("start to ONLINE", "ms"), ("RSS idle", "MB")])
+            if self.py_spy:
+                self.phase("start-up profile", self.profile_start, [])
             if self.bridge is None:
                 self.bridge, _ = self.start_bridge()
             self.raw["bridge_threads_at_start"] = procfs.thread_names(self.bridge.pid)
@@ -369,7 +449,8 @@ class Bench:
             self.raw["bridge_info"] = self.bridge_info()
             self.phase("idle cost", self.bench_idle,
                        [("idle CPU", "ms/min"), ("idle context switches", "1/s")])
-            self.phase("broker outage", self.bench_outage, [("ONLINE after 3 s outage", "ms")])
+            self.phase("broker outage", self.bench_outage,
+                       [(f"ONLINE after {self.s.outage_seconds:g} s outage", "ms")])
             self.raw["bridge_log_tail"] = self.bridge.log()[-4000:]
         finally:
             self.teardown()
@@ -511,25 +592,36 @@ class Bench:
         problems: list[str] = []
         message_sizes: list[int] = []
         assert self.bridge is not None
+        cpu: dict[str, list[float]] = {"bridge": [], "pty": [], "mqtt": []}  # CPU s per MB
+        assert self.floor is not None
         for rep in range(self.s.reps):
             order = ["bridge", "pty", "mqtt"]
             order = order[rep % 3:] + order[:rep % 3]
             for who in order:
                 if who == "pty":
+                    before_self = resource.getrusage(resource.RUSAGE_SELF)
                     out, seconds = drain_pty([SHELL, "-c", f"seq 1 {count} | cat"])
+                    after_self = resource.getrusage(resource.RUSAGE_SELF)
+                    used = (after_self.ru_utime - before_self.ru_utime
+                            + after_self.ru_stime - before_self.ru_stime)
                     if out != expected:
                         problems.append(f"pty floor: got {len(out)} bytes, not the seq output")
                 elif who == "mqtt":
+                    before = procfs.snapshot(self.floor.pid)
                     seconds, found = self._floor_bulk(f"floor-bulk-{rep}", stream_file, expected)
+                    used = procfs.cost_between(before, procfs.snapshot(self.floor.pid)).cpu_s
                     problems += [f"mqtt floor: {p}" for p in found]
                 else:
                     sink = self.open_session()
+                    before = procfs.snapshot(self.bridge.pid)
                     seconds = self._bridge_bulk(sink, count)
+                    used = procfs.cost_between(before, procfs.snapshot(self.bridge.pid)).cpu_s
                     first = sink.watch_from
                     problems += [f"bridge: {p}" for p in self._verify_stream(sink, expected, first)]
                     message_sizes += [len(c.data) for c in sink.chunks[first:]]
                     self.close_session(sink)
                 rates[who].append(len(expected) / MB / seconds)
+                cpu[who].append(used * 1000 / (len(expected) / MB))
         memory = procfs.memory_kib(self.bridge.pid)
         floor = min(median(rates["pty"]), median(rates["mqtt"]))
         self.raw["bulk"] = {"bytes": len(expected), "seq_count": count, "mb_per_s": rates,
@@ -537,6 +629,7 @@ class Bench:
                             "bridge_mean_message_bytes": (sum(message_sizes) / len(message_sizes)
                                                           if message_sizes else 0),
                             "floor_message_bytes": batch, "problems": problems,
+                            "cpu_ms_per_mb": cpu,
                             "bridge_memory_kib": memory}
         self.add(Figure("bulk output", median(rates["bridge"]), "MB/s", floor, "min_ratio", 0.8,
                         ok=not any(p.startswith("bridge") for p in problems),
@@ -545,6 +638,9 @@ class Bench:
                         reps=rates["pty"]))
         self.add(Figure("bulk floor: minimal MQTT publisher", median(rates["mqtt"]), "MB/s",
                         reps=rates["mqtt"]))
+        self.add(Figure("bulk CPU of the bridge per MB", median(cpu["bridge"]), "ms/MB",
+                        median(cpu["pty"]), reps=cpu["bridge"],
+                        note=f"MQTT floor: {median(cpu['mqtt']):.0f} ms/MB"))
         rss_floor = median(self.raw.get("start", {}).get("import_rss_mb", [math.nan]))
         self.add(Figure("RSS peak during bulk", memory["VmHWM"] / 1024, "MB", rss_floor))
 
@@ -634,10 +730,14 @@ class Bench:
     def bench_multi(self) -> None:
         count = seq_count_for(self.s.multi_bytes)
         expected = seq_bytes(count)
-        aggregates, fairness = [], []
+        aggregates, fairness, floors = [], [], []
         problems: list[str] = []
         assert self.bridge is not None
         for _rep in range(self.s.reps):
+            drained = drain_ptys([SHELL, "-c", f"seq 1 {count} | cat"], self.s.multi_sessions)
+            floors.append(len(expected) * len(drained) / MB / max(t for _, t in drained))
+            if any(out != expected for out, _ in drained):
+                problems.append("parallel pty floor: output is not the seq output")
             sinks = [self.open_session() for _ in range(self.s.multi_sessions)]
             for sink in sinks:
                 sink.arm()
@@ -657,9 +757,9 @@ class Bench:
         self.raw["multi"] = {"sessions": self.s.multi_sessions, "bytes_each": len(expected),
                              "aggregate_mb_per_s": aggregates, "fairness": fairness,
                              "problems": problems[:10], "bridge_memory_kib": memory}
-        single = median(self.raw.get("bulk", {}).get("mb_per_s", {}).get("bridge", [math.nan]))
+        self.raw["multi"]["pty_floor_mb_per_s"] = floors
         self.add(Figure(f"{self.s.multi_sessions} sessions aggregate", median(aggregates), "MB/s",
-                        single, ok=not problems, note="" if not problems else "lost/reordered bytes",
+                        median(floors), ok=not problems, note="" if not problems else "lost/reordered bytes",
                         reps=aggregates))
         self.add(Figure(f"{self.s.multi_sessions} sessions fairness min/max", median(fairness), "x",
                         reps=fairness))
@@ -724,16 +824,29 @@ class Bench:
             self.floor.close()
             self.floor = None
         values: list[float] = []
-        for _rep in range(self.s.outage_reps):
-            self.broker.stop()
-            time.sleep(self.s.outage_seconds)  # the outage itself
-            back = self._broker_back()
-            mark = len(self.status)
-            self.a.reconnect()
-            values.append((self.wait_online(mark, 15) - back) * 1000)
+        for rep in range(self.s.outage_reps):
+            if rep:  # each rep on a fresh bridge: the link's backoff remembers recent outages
+                assert self.bridge is not None
+                self.stop_bridge(self.bridge)
+                self.bridge, _ = self.start_bridge()
+            values.append(self._outage())
         self.raw["outage"] = {"online_ms": values, "outage_s": self.s.outage_seconds}
-        self.add(Figure("ONLINE after 3 s outage", median(values), "ms", None, "max_abs", 1000,
-                        reps=values))
+        self.add(Figure(f"ONLINE after {self.s.outage_seconds:g} s outage", median(values), "ms",
+                        None, "max_abs", 1000, reps=values))
+        if not self.s.quick:  # a second outage right after the first (a flapping broker)
+            again = self._outage()
+            self.raw["outage"]["second_outage_online_ms"] = again
+            self.add(Figure("ONLINE after a 2nd outage at once", again, "ms"))
+
+    def _outage(self) -> float:
+        """Milliseconds from the broker accepting connections again to the bridge's ONLINE."""
+        assert self.broker is not None
+        self.broker.stop()
+        time.sleep(self.s.outage_seconds)  # the outage itself
+        back = self._broker_back()
+        mark = len(self.status)
+        self.a.reconnect()
+        return (self.wait_online(mark, 30) - back) * 1000
 
 
 # --------------------------------------------------------------------------- results
