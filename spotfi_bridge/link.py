@@ -358,11 +358,13 @@ class MqttLink:
         self._failure_streak = 0
         self.stats["connects"] += 1
         self._early_acks.clear()
+        # SUBSCRIBE before ONLINE: the broker handles them in order, so whoever reacts to
+        # ONLINE with a request finds the subscriptions already in force
+        for topic, qos in self._subscriptions:
+            client.subscribe(topic, qos)
         self._pending_msgs += 1
         self._pending_bytes += len(STATUS_ONLINE)
         self._send(_Outgoing(self._topics.status, STATUS_ONLINE, 1, True, None))
-        for topic, qos in self._subscriptions:
-            client.subscribe(topic, qos)
         # after paho has re-queued its unacknowledged messages (it does so when this
         # callback returns), so that what waited in the backlog goes out after them
         self._loop.call_soon(self._after_connect, client)
