@@ -65,3 +65,9 @@ ipk: $(VENV)/.installed
 bench: $(VENV)/.installed mosquitto
 	$(if $(filter-out 0,$(BENCH_PROFILE)),test -x $(VENV)/bin/py-spy || $(VENV)/bin/pip install -q --disable-pip-version-check py-spy)
 	PATH="/usr/sbin:$$PATH" $(VENV)/bin/python -m bench.run $(if $(COMPARE),--compare '$(COMPARE)')
+
+## make dry-run: the bridge on this machine against a throw-away Mosquitto, as router
+## dev-router with the local RPC backend; prints the spotfi-bridge-ctl commands to try.
+## BROKER=mqtt://host:port uses an existing broker instead. Ctrl-C stops it all.
+dry-run: $(VENV)/.installed $(if $(BROKER),,mosquitto)
+	@PATH="/usr/sbin:$$PATH" $(VENV)/bin/python -m spotfi_bridge.devtools.dry_run $(if $(BROKER),--broker '$(BROKER)') $(if $(ROUTER),--router-id '$(ROUTER)')
