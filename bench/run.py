@@ -3,7 +3,7 @@
 One Mosquitto on loopback (``set_tcp_nodelay true``), the real daemon as a
 subprocess with a fake ``ubus`` on PATH, a minimal MQTT client as the floor,
 and a single-threaded API-side client that measures both. Every figure is the
-median over ``BENCH_REPS`` (default 3) repetitions, floors and bridge
+median over ``BENCH_REPS`` (default 5, quick 3) repetitions, floors and bridge
 interleaved inside each repetition so that machine noise hits both alike.
 
 Environment: ``BENCH_QUICK=1`` (a ~1 minute smoke run), ``BENCH_IDLE_SECONDS``
@@ -11,7 +11,10 @@ Environment: ``BENCH_QUICK=1`` (a ~1 minute smoke run), ``BENCH_IDLE_SECONDS``
 overrides, e.g. ``terminal.batch_bytes=65536,terminal.qos=0``),
 ``BENCH_STRICT=1`` (exit 1 when a target is missed), ``BENCH_PROFILE=1`` (py-spy
 profiles of the bridge, one per phase, summarised in the output and the JSON),
-``BENCH_KEEP=1`` (keep the work directory with the bridge's and broker's logs).
+``BENCH_KEEP=1`` (keep the work directory with the bridge's and broker's logs),
+``BENCH_ONLY=keys,bulk`` (some phases only: start, keys, bulk, rpc, concurrent,
+multi, idle, outage), ``BENCH_BRIDGE_SRC=/path`` (run the bridge from another
+source tree, e.g. a fix being tried, against the same floors).
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ FLOOR_STREAM_OUT = "spotfi/api/bench-floor-stream/x/out"
 SHELL = "/bin/sh"
 END_COMMAND = 'echo BENCH-""END'  # the typed line's echo does not contain the marker
 MB = 1e6
+PHASES = ("start", "keys", "bulk", "rpc", "concurrent", "multi", "idle", "outage")
 
 
 # --------------------------------------------------------------------------- settings
@@ -89,7 +93,11 @@ class Settings:
     outage_seconds: float
     outage_reps: int
     profile: bool = False
+    only: tuple[str, ...] = ()
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def wants(self, phase: str) -> bool:
+        return not self.only or phase in self.only
 
     @classmethod
     def from_env(cls, quick_flag: bool = False) -> Settings:
@@ -97,7 +105,7 @@ class Settings:
         quick = quick_flag or env.get("BENCH_QUICK", "") not in ("", "0")
         settings = cls(
             quick=quick,
-            reps=max(1, int(env.get("BENCH_REPS", "3"))),
+            reps=max(1, int(env.get("BENCH_REPS", "3" if quick else "5"))),
             idle_seconds=float(env.get("BENCH_IDLE_SECONDS", "10" if quick else "60")),
             bulk_bytes=(5 if quick else 20) * 1_000_000,
             multi_sessions=8,
@@ -110,6 +118,11 @@ class Settings:
         )
         settings.overrides = parse_overrides(env.get("BENCH_SET", ""))
         settings.profile = env.get("BENCH_PROFILE", "") not in ("", "0")
+        settings.only = tuple(p.strip() for p in env.get("BENCH_ONLY", "").split(",") if p.strip())
+        unknown = set(settings.only) - set(PHASES)
+        if unknown:
+            raise SystemExit(f"BENCH_ONLY: unknown phase(s) {', '.join(sorted(unknown))}; "
+                             f"expected some of {', '.join(PHASES)}")
         return settings
 
     def terminal(self) -> TerminalConfig:
@@ -254,7 +267,11 @@ class Bench:
         return self.api
 
     def bridge_env(self) -> dict[str, str]:
-        return {"PATH": self.path, "SPOTFI_ENV_FILE": "/nonexistent", "SPOTFI_LOG_LEVEL": "info"}
+        env = {"PATH": self.path, "SPOTFI_ENV_FILE": "/nonexistent", "SPOTFI_LOG_LEVEL": "info"}
+        source = os.environ.get("BENCH_BRIDGE_SRC")
+        if source:  # another tree's spotfi_bridge: before/after a fix, same run conditions
+            env["PYTHONPATH"] = source
+        return env
 
     def new_bridge(self) -> BenchBridge:
         assert self.broker is not None
@@ -430,27 +447,35 @@ class Bench:
 
     def run(self) -> None:
         self.setup()
+        phases: list[tuple[str, str, Callable[[], None], list[tuple[str, str]]]] = [
+            ("keys", "keystroke echo", self.bench_keystrokes,
+             [("keystroke echo p50", "ms"), ("keystroke echo p99", "ms")]),
+            ("bulk", "bulk output", self.bench_bulk, [("bulk output", "MB/s")]),
+            ("rpc", "rpc round trips", self.bench_rpc,
+             [("rpc bridge ping p50", "ms"), ("rpc system info p50", "ms")]),
+            ("concurrent", "50 concurrent rpcs", self.bench_concurrent,
+             [(f"{self.s.concurrent_rpcs} concurrent rpcs", "ms")]),
+            ("multi", "8 sessions streaming", self.bench_multi,
+             [(f"{self.s.multi_sessions} sessions aggregate", "MB/s")]),
+            ("idle", "idle cost", self.bench_idle,
+             [("idle CPU", "ms/min"), ("idle context switches", "1/s")]),
+            ("outage", "broker outage", self.bench_outage,
+             [(f"ONLINE after {self.s.outage_seconds:g} s outage", "ms")]),
+        ]
         try:
-            self.phase("start to ONLINE, idle RSS", self.bench_start,
-                       [("start to ONLINE", "ms"), ("RSS idle", "MB")])
-            if self.py_spy:
-                self.phase("start-up profile", self.profile_start, [])
+            if self.s.wants("start"):
+                self.phase("start to ONLINE, idle RSS", self.bench_start,
+                           [("start to ONLINE", "ms"), ("RSS idle", "MB")])
+                if self.py_spy:
+                    self.phase("start-up profile", self.profile_start, [])
             if self.bridge is None:
                 self.bridge, _ = self.start_bridge()
             self.raw["bridge_threads_at_start"] = procfs.thread_names(self.bridge.pid)
-            self.phase("keystroke echo", self.bench_keystrokes,
-                       [("keystroke echo p50", "ms"), ("keystroke echo p99", "ms")])
-            self.phase("bulk output", self.bench_bulk, [("bulk output", "MB/s")])
-            self.phase("rpc round trips", self.bench_rpc,
-                       [("rpc bridge ping p50", "ms"), ("rpc system info p50", "ms")])
-            self.phase("50 concurrent rpcs", self.bench_concurrent, [("50 concurrent rpcs", "ms")])
-            self.phase("8 sessions streaming", self.bench_multi,
-                       [("8 sessions aggregate", "MB/s")])
-            self.raw["bridge_info"] = self.bridge_info()
-            self.phase("idle cost", self.bench_idle,
-                       [("idle CPU", "ms/min"), ("idle context switches", "1/s")])
-            self.phase("broker outage", self.bench_outage,
-                       [(f"ONLINE after {self.s.outage_seconds:g} s outage", "ms")])
+            for key, name, body, figures in phases:
+                if key == "idle" and self.s.wants("idle"):
+                    self.raw["bridge_info"] = self.bridge_info()
+                if self.s.wants(key):
+                    self.phase(name, body, figures)
             self.raw["bridge_log_tail"] = self.bridge.log()[-4000:]
         finally:
             self.teardown()
@@ -541,8 +566,9 @@ class Bench:
                                                for k, v in echoes.items()}
         for q, kind, limit in ((50, "max_ratio", 1.3), (95, "info", None), (99, "max_ratio", 2.0)):
             value, reps = stat("bridge", q)
-            self.add(Figure(f"keystroke echo p{q}", value, "ms", stat("floor", q)[0], kind, limit,
-                            reps=reps))
+            floor_value, floor_reps = stat("floor", q)
+            self.add(Figure(f"keystroke echo p{q}", value, "ms", floor_value, kind, limit, reps=reps,
+                            rep_ratios=[a / b for a, b in zip(reps, floor_reps)]))
         self.add(Figure("PTY's own echo p50", stat("pty", 50)[0], "ms", stat("floor", 50)[0]))
 
     # bulk output --------------------------------------------------------------
@@ -624,6 +650,7 @@ class Bench:
                 cpu[who].append(used * 1000 / (len(expected) / MB))
         memory = procfs.memory_kib(self.bridge.pid)
         floor = min(median(rates["pty"]), median(rates["mqtt"]))
+        ratios = [b / min(p, m) for b, p, m in zip(rates["bridge"], rates["pty"], rates["mqtt"])]
         self.raw["bulk"] = {"bytes": len(expected), "seq_count": count, "mb_per_s": rates,
                             "bridge_messages": len(message_sizes),
                             "bridge_mean_message_bytes": (sum(message_sizes) / len(message_sizes)
@@ -633,13 +660,15 @@ class Bench:
                             "bridge_memory_kib": memory}
         self.add(Figure("bulk output", median(rates["bridge"]), "MB/s", floor, "min_ratio", 0.8,
                         ok=not any(p.startswith("bridge") for p in problems),
-                        note="" if not problems else "lost/reordered bytes", reps=rates["bridge"]))
+                        note="" if not problems else "lost/reordered bytes", reps=rates["bridge"],
+                        rep_ratios=ratios))
         self.add(Figure("bulk floor: bare PTY reader", median(rates["pty"]), "MB/s",
                         reps=rates["pty"]))
         self.add(Figure("bulk floor: minimal MQTT publisher", median(rates["mqtt"]), "MB/s",
                         reps=rates["mqtt"]))
         self.add(Figure("bulk CPU of the bridge per MB", median(cpu["bridge"]), "ms/MB",
                         median(cpu["pty"]), reps=cpu["bridge"],
+                        rep_ratios=[b / p for b, p in zip(cpu["bridge"], cpu["pty"])],
                         note=f"MQTT floor: {median(cpu['mqtt']):.0f} ms/MB"))
         rss_floor = median(self.raw.get("start", {}).get("import_rss_mb", [math.nan]))
         self.add(Figure("RSS peak during bulk", memory["VmHWM"] / 1024, "MB", rss_floor))
@@ -689,9 +718,10 @@ class Bench:
         ok = not errors
         for q in (50, 95):
             value, reps = stat("ping", q)
-            self.add(Figure(f"rpc bridge ping p{q}", value, "ms", stat("floor", q)[0],
+            floor, floor_reps = stat("floor", q)
+            self.add(Figure(f"rpc bridge ping p{q}", value, "ms", floor,
                             "max_ratio" if q == 50 else "info", 1.5 if q == 50 else None,
-                            ok=ok, reps=reps))
+                            ok=ok, reps=reps, rep_ratios=[a / b for a, b in zip(reps, floor_reps)]))
         # system info's floor: the fake ubus's exec time plus the broker's round trip, same reps
         floors = [a + b for a, b in zip(stat("exec", 50)[1], stat("floor", 50)[1])]
         value, reps = stat("info", 50)
@@ -730,7 +760,7 @@ class Bench:
     def bench_multi(self) -> None:
         count = seq_count_for(self.s.multi_bytes)
         expected = seq_bytes(count)
-        aggregates, fairness, floors = [], [], []
+        aggregates, fairness, floors, ratios = [], [], [], []
         problems: list[str] = []
         assert self.bridge is not None
         for _rep in range(self.s.reps):
@@ -748,6 +778,7 @@ class Bench:
             self.wait_ends(sinks, 300)
             ends = [s.end_at - started for s in sinks if s.end_at is not None]
             aggregates.append(len(expected) * len(sinks) / MB / max(ends))
+            ratios.append(aggregates[-1] / floors[-1])
             rates = [len(expected) / MB / e for e in ends]
             fairness.append(min(rates) / max(rates))
             for sink in sinks:
@@ -760,7 +791,7 @@ class Bench:
         self.raw["multi"]["pty_floor_mb_per_s"] = floors
         self.add(Figure(f"{self.s.multi_sessions} sessions aggregate", median(aggregates), "MB/s",
                         median(floors), ok=not problems, note="" if not problems else "lost/reordered bytes",
-                        reps=aggregates))
+                        reps=aggregates, rep_ratios=ratios))
         self.add(Figure(f"{self.s.multi_sessions} sessions fairness min/max", median(fairness), "x",
                         reps=fairness))
         rss_floor = median(self.raw.get("start", {}).get("import_rss_mb", [math.nan]))
@@ -877,6 +908,7 @@ def report(bench: Bench, started: float, load_before: tuple[float, float, float]
             "loadavg_after": os.getloadavg(),
             "seconds": round(time.monotonic() - started, 1),
             "settings": {k: v for k, v in vars(bench.s).items()},
+            "bridge_source": os.environ.get("BENCH_BRIDGE_SRC") or str(ROOT),
             "bridge_toml": bench.toml,
         },
         "figures": [f.as_dict() for f in bench.figures],

@@ -43,9 +43,14 @@ class Figure:
     ok: bool = True
     note: str = ""
     reps: list[float] = field(default_factory=list)
+    #: value/floor of each rep, floor taken in that same rep; their median is the ratio
+    #: (steadier than a ratio of medians when the machine's load drifts between reps)
+    rep_ratios: list[float] = field(default_factory=list)
 
     @property
     def ratio(self) -> Optional[float]:
+        if self.rep_ratios:
+            return median(self.rep_ratios)
         if self.floor is None or self.floor == 0 or math.isnan(self.floor) or math.isnan(self.value):
             return None
         return self.value / self.floor
