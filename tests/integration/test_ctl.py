@@ -1,0 +1,334 @@
+"""spotfi-bridge-ctl end to end: the real ctl process, a real Mosquitto, the real daemon,
+and for ``ctl shell`` a real PTY standing in for the operator's terminal."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import threading
+from pathlib import Path
+from typing import IO, Any, Callable, Optional
+
+import pytest
+
+from tests.conftest import wait_online
+from tests.helpers.apiclient import ApiClient
+from tests.helpers.bridge import ROOT, BridgeProcess
+from tests.helpers.broker import Mosquitto
+from tests.helpers.wait import wait_for
+
+ROUTER = "test-router"
+BASE = ("[metrics]\ninterval = 30\n[mqtt]\nkeepalive = 10\nbackoff_min = 0.1\n"
+        "backoff_max = 1\n[rpc]\nbackend = \"local\"\n[terminal]\nshell = \"/bin/sh\"\n")
+CTL_OUT = re.compile(r"^spotfi/api/ctl-[0-9a-f]{8}/x/out$")
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def ctl_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The test's environment without any SPOTFI_* and with no real ~/.config in reach."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPOTFI_")}
+    env.update({"XDG_CONFIG_HOME": str(tmp_path / "xdg"), "PYTHONPATH": str(ROOT)})
+    env.update(extra)
+    return env
+
+
+def ctl_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "spotfi_bridge.ctl", *args]
+
+
+def run_ctl(broker: Mosquitto, tmp_path: Path, *args: str, router: str = ROUTER,
+            timeout: float = 15) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(ctl_argv("--broker", broker.url, "--router", router, *args),
+                          env=ctl_env(tmp_path), capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+class Lines:
+    """Every line a pipe produced, collected by a thread so tests can wait on them."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.append(line.rstrip("\n"))
+
+    def json(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in list(self.lines) if line.startswith("{")]
+
+    def wait(self, predicate: Callable[[dict[str, Any]], bool], what: str,
+             timeout: float = 10) -> dict[str, Any]:
+        return wait_for(lambda: next((r for r in self.json() if predicate(r)), None), timeout,
+                        f"{what} in {self.lines[-5:]}")
+
+
+# --------------------------------------------------------------------------- rpc
+
+
+def test_rpc_success_error_timeout_and_config_file(
+        api: ApiClient, broker: Mosquitto, make_bridge: Callable[..., BridgeProcess],
+        tmp_path: Path) -> None:
+    make_bridge(toml=BASE)
+    wait_online(api)
+    api.subscribe(f"spotfi/router/{ROUTER}/rpc/request")
+
+    ok = run_ctl(broker, tmp_path, "rpc", "bridge", "ping")
+    assert ok.returncode == 0, ok.stderr
+    assert len(ok.stdout.splitlines()) == 1, "not a tty: one compact line"
+    assert json.loads(ok.stdout)["pong"] is True
+    request = api.matching(f"spotfi/router/{ROUTER}/rpc/request")[-1].json()
+    assert request["type"] == "rpc" and request["path"] == "bridge" and request["args"] == {}
+    assert re.match(r"^cmd_\d+_[0-9a-f]{4}_1$", request["id"])
+
+    run = run_ctl(broker, tmp_path, "rpc", "file", "exec",
+                  '{"command": "/bin/sh", "params": ["-c", "echo out; exit 2"]}', "--pretty")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout) == {"code": 2, "stdout": "out\n", "stderr": ""}
+    assert run.stdout.startswith("{\n  "), "--pretty indents"
+
+    missing = run_ctl(broker, tmp_path, "rpc", "nosuch", "thing")
+    assert missing.returncode == 1
+    assert "error: Not found" in missing.stderr and missing.stdout == ""
+
+    ghost = run_ctl(broker, tmp_path, "rpc", "bridge", "ping", "--timeout", "1", router="ghost")
+    assert ghost.returncode == 124
+    assert "no reply from router ghost within 1 s" in ghost.stderr
+    assert "never announced itself" in ghost.stderr
+
+    # the dry run's way: a config file named by SPOTFI_CTL_CONFIG, no flags at all
+    config = tmp_path / "ctl.toml"
+    config.write_text(f'broker = "{broker.url}"\nrouter = "{ROUTER}"\n')
+    flagless = subprocess.run(ctl_argv("rpc", "bridge", "ping"), capture_output=True, text=True,
+                              env=ctl_env(tmp_path, SPOTFI_CTL_CONFIG=str(config)), timeout=15)
+    assert flagless.returncode == 0 and json.loads(flagless.stdout)["pong"] is True
+
+
+def test_unreachable_broker_is_a_clear_error(tmp_path: Path) -> None:
+    from tests.helpers.ports import free_port
+
+    result = subprocess.run(ctl_argv("--broker", f"mqtt://127.0.0.1:{free_port()}", "--router",
+                                     ROUTER, "rpc", "bridge", "ping"),
+                            env=ctl_env(tmp_path), capture_output=True, text=True, timeout=15)
+    assert result.returncode == 3
+    assert "cannot connect to mqtt://127.0.0.1:" in result.stderr
+    assert "connection refused" in result.stderr and "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+def test_sessions_lists_an_open_session(api: ApiClient, broker: Mosquitto,
+                                        make_bridge: Callable[..., BridgeProcess],
+                                        tmp_path: Path) -> None:
+    make_bridge(toml=BASE)
+    wait_online(api)
+    empty = run_ctl(broker, tmp_path, "sessions")
+    assert empty.returncode == 0 and json.loads(empty.stdout) == {"sessions": []}
+    session_id = api.x_start(ROUTER, cols=90, rows=20)
+    api.wait_x(session_id, "x-started")
+    listed = run_ctl(broker, tmp_path, "sessions")
+    assert listed.returncode == 0, listed.stderr
+    sessions = json.loads(listed.stdout)["sessions"]
+    assert [(s["id"], s["cols"], s["rows"]) for s in sessions] == [(session_id, 90, 20)]
+    api.x_stop(ROUTER, session_id)
+
+
+# --------------------------------------------------------------------------- shell
+
+
+class Terminal:
+    """The operator's terminal: a PTY whose slave is ctl's controlling tty."""
+
+    def __init__(self, cols: int = 80, rows: int = 24) -> None:
+        self.master, self.slave = os.openpty()
+        self.resize(cols, rows)
+        os.set_blocking(self.master, False)
+        self.output = b""
+
+    def resize(self, cols: int, rows: int) -> None:
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def spawn(self, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        def controlling_tty() -> None:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        return subprocess.Popen(argv, stdin=self.slave, stdout=self.slave, stderr=self.slave,
+                                env=env, start_new_session=True, preexec_fn=controlling_tty)
+
+    def pump(self) -> bytes:
+        try:
+            while True:
+                data = os.read(self.master, 65536)
+                if not data:
+                    break
+                self.output += data
+        except (BlockingIOError, OSError):
+            pass
+        return self.output
+
+    def wait_for(self, needle: bytes, timeout: float = 10) -> bytes:
+        return wait_for(lambda: needle in self.pump() and self.output, timeout,
+                        f"{needle!r} on the terminal; got {self.output[-300:]!r}")
+
+    def type(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def close(self) -> None:
+        os.close(self.master)
+        os.close(self.slave)
+
+
+def sessions_of(api: ApiClient) -> list[dict[str, Any]]:
+    reply = api.rpc(ROUTER, "bridge", "sessions")
+    result: list[dict[str, Any]] = reply["result"]["sessions"]
+    return result
+
+
+def wait_exit(proc: subprocess.Popen[bytes], term: Terminal, timeout: float = 10) -> int:
+    wait_for(lambda: term.pump() is not None and proc.poll() is not None, timeout, "ctl to exit")
+    term.pump()
+    return proc.returncode
+
+
+def test_shell_echo_resize_quit_and_terminal_restored(
+        api: ApiClient, broker: Mosquitto, make_bridge: Callable[..., BridgeProcess],
+        tmp_path: Path) -> None:
+    make_bridge(toml=BASE)
+    wait_online(api)
+    x_in = f"spotfi/router/{ROUTER}/x/in"
+    api.subscribe(x_in)
+    term = Terminal(80, 24)
+    before = termios.tcgetattr(term.slave)
+    proc = term.spawn(ctl_argv("--broker", broker.url, "--router", ROUTER, "shell"),
+                      ctl_env(tmp_path))
+    try:
+        start = api.wait_message(x_in, lambda m: m.json().get("type") == "x-start").json()
+        assert (start["cols"], start["rows"]) == (80, 24), "the local size goes in x-start"
+        assert CTL_OUT.match(start["responseTopic"]), start
+        session_id = start["sessionId"]
+        assert session_id.startswith(f"{ROUTER}-")
+
+        term.type(b"echo ctl-$((6*7))\r")
+        term.wait_for(b"ctl-42")
+        assert termios.tcgetattr(term.slave)[3] & termios.ECHO == 0, "raw mode while running"
+
+        term.resize(100, 30)  # the kernel sends SIGWINCH to ctl, its terminal's foreground
+        api.wait_message(x_in, lambda m: m.json().get("type") == "x-resize")
+        wait_for(lambda: [(s["cols"], s["rows"]) for s in sessions_of(api)] == [(100, 30)], 10,
+                 "the bridge to apply the new size")
+        term.type(b"stty size\r")
+        term.wait_for(b"30 100")
+
+        term.type(b"\r~.")
+        assert wait_exit(proc, term) == 0
+        assert b"ended: closed with ~." in term.output
+        stop = api.wait_message(x_in, lambda m: m.json().get("type") == "x-stop").json()
+        assert stop["sessionId"] == session_id
+        wait_for(lambda: sessions_of(api) == [], 10, "the bridge to close the session")
+        assert termios.tcgetattr(term.slave) == before, "terminal modes restored"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        term.close()
+
+
+def test_shell_exit_code_and_reason_when_the_remote_shell_exits(
+        api: ApiClient, broker: Mosquitto, make_bridge: Callable[..., BridgeProcess],
+        tmp_path: Path) -> None:
+    make_bridge(toml=BASE)
+    wait_online(api)
+    term = Terminal()
+    before = termios.tcgetattr(term.slave)
+    proc = term.spawn(ctl_argv("--broker", broker.url, "--router", ROUTER, "shell"),
+                      ctl_env(tmp_path))
+    try:
+        term.type(b"echo rea''dy\r")
+        term.wait_for(b"ready")
+        term.type(b"exit 7\r")
+        assert wait_exit(proc, term) == 7
+        assert b"ended: the shell exited with code 7" in term.output
+        assert termios.tcgetattr(term.slave) == before
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        term.close()
+
+
+def test_shell_restores_the_terminal_on_sigterm(
+        api: ApiClient, broker: Mosquitto, make_bridge: Callable[..., BridgeProcess],
+        tmp_path: Path) -> None:
+    make_bridge(toml=BASE)
+    wait_online(api)
+    term = Terminal()
+    before = termios.tcgetattr(term.slave)
+    proc = term.spawn(ctl_argv("--broker", broker.url, "--router", ROUTER, "shell"),
+                      ctl_env(tmp_path))
+    try:
+        term.type(b"echo rea''dy\r")
+        term.wait_for(b"ready")
+        assert termios.tcgetattr(term.slave) != before
+        proc.send_signal(signal.SIGTERM)
+        assert wait_exit(proc, term) == 128 + signal.SIGTERM
+        assert b"interrupted by SIGTERM" in term.output
+        assert termios.tcgetattr(term.slave) == before
+        wait_for(lambda: sessions_of(api) == [], 10, "x-stop to close the session")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        term.close()
+
+
+# --------------------------------------------------------------------------- watch
+
+
+def test_watch_sees_online_metrics_and_offline(
+        api: ApiClient, broker: Mosquitto, make_bridge: Callable[..., BridgeProcess],
+        tmp_path: Path) -> None:
+    status = f"spotfi/router/{ROUTER}/status"
+    # a retained status first: when watch prints it, its subscription is in place
+    api.publish(status, b"OFFLINE", retain=True)
+    watch = subprocess.Popen(ctl_argv("--broker", broker.url, "--router", ROUTER, "watch"),
+                             env=ctl_env(tmp_path), stdout=subprocess.PIPE, text=True,
+                             stdin=subprocess.DEVNULL)
+    lines: Optional[Lines] = None
+    try:
+        assert watch.stdout is not None
+        lines = Lines(watch.stdout)
+        lines.wait(lambda r: r.get("status") == "OFFLINE" and r.get("retained"), "retained status")
+        bridge = make_bridge(toml=BASE)
+        lines.wait(lambda r: r["event"] == "status" and r["status"] == "ONLINE", "ONLINE")
+        metrics = lines.wait(lambda r: r["event"] == "metrics", "metrics")
+        assert metrics["router"] == ROUTER and int(metrics["metrics"]["uptime"]) > 0
+        assert {"cpuLoad", "totalMemory", "freeMemory", "activeUsers"} <= set(metrics["metrics"])
+        bridge.terminate()
+        offline = lines.wait(lambda r: r["event"] == "status" and r["status"] == "OFFLINE"
+                             and not r.get("retained"), "OFFLINE after SIGTERM")
+        assert offline == {"router": ROUTER, "event": "status", "status": "OFFLINE"}
+        assert all(line.startswith("{") for line in lines.lines), "one JSON object per line"
+    finally:
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(10) == 130
+
+
+def test_watch_all_routers_with_count(api: ApiClient, broker: Mosquitto, tmp_path: Path) -> None:
+    for router in ("r1", "r2"):
+        api.publish(f"spotfi/router/{router}/status", b"ONLINE", retain=True)
+    result = run_ctl(broker, tmp_path, "watch", "--all", "--count", "2", "--timeout", "10")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert sorted(r["router"] for r in records) == ["r1", "r2"]
+    short = run_ctl(broker, tmp_path, "watch", "--all", "--count", "3", "--timeout", "1")
+    assert short.returncode == 124 and "saw 2 of 3 events" in short.stderr
