@@ -22,7 +22,7 @@ from tests.conftest import wait_online
 from tests.helpers.apiclient import ApiClient
 from tests.helpers.bridge import ROOT, BridgeProcess
 from tests.helpers.broker import Mosquitto
-from tests.helpers.wait import wait_for
+from tests.helpers.wait import WaitTimeout, wait_for
 
 ROUTER = "test-router"
 BASE = ("[metrics]\ninterval = 30\n[mqtt]\nkeepalive = 10\nbackoff_min = 0.1\n"
@@ -68,8 +68,11 @@ class Lines:
 
     def wait(self, predicate: Callable[[dict[str, Any]], bool], what: str,
              timeout: float = 10) -> dict[str, Any]:
-        return wait_for(lambda: next((r for r in self.json() if predicate(r)), None), timeout,
-                        f"{what} in {self.lines[-5:]}")
+        try:
+            return wait_for(lambda: next((r for r in self.json() if predicate(r)), None), timeout,
+                            what)
+        except WaitTimeout as exc:
+            raise WaitTimeout(f"{exc}; got {self.lines[-5:]}") from None
 
 
 # --------------------------------------------------------------------------- rpc
@@ -176,9 +179,11 @@ class Terminal:
             pass
         return self.output
 
-    def wait_for(self, needle: bytes, timeout: float = 10) -> bytes:
-        return wait_for(lambda: needle in self.pump() and self.output, timeout,
-                        f"{needle!r} on the terminal; got {self.output[-300:]!r}")
+    def wait_for(self, needle: bytes, timeout: float = 10) -> None:
+        try:
+            wait_for(lambda: needle in self.pump(), timeout, f"{needle!r} on the terminal")
+        except WaitTimeout as exc:
+            raise WaitTimeout(f"{exc}; got {self.output[-300:]!r}") from None
 
     def type(self, data: bytes) -> None:
         os.write(self.master, data)
@@ -307,7 +312,8 @@ def test_watch_sees_online_metrics_and_offline(
     try:
         assert watch.stdout is not None
         lines = Lines(watch.stdout)
-        lines.wait(lambda r: r.get("status") == "OFFLINE" and r.get("retained"), "retained status")
+        lines.wait(lambda r: r.get("status") == "OFFLINE" and bool(r.get("retained")),
+                   "retained status")
         bridge = make_bridge(toml=BASE)
         lines.wait(lambda r: r["event"] == "status" and r["status"] == "ONLINE", "ONLINE")
         metrics = lines.wait(lambda r: r["event"] == "metrics", "metrics")
