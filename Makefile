@@ -71,3 +71,10 @@ bench: $(VENV)/.installed mosquitto
 ## BROKER=mqtt://host:port uses an existing broker instead. Ctrl-C stops it all.
 dry-run: $(VENV)/.installed $(if $(BROKER),,mosquitto)
 	@PATH="/usr/sbin:$$PATH" $(VENV)/bin/python -m spotfi_bridge.devtools.dry_run $(if $(BROKER),--broker '$(BROKER)') $(if $(ROUTER),--router-id '$(ROUTER)')
+
+## make soak: SOAK_MINUTES (default 60) of random terminal sessions and RPCs against the
+## real daemon under broker restarts and proxy faults; prints a summary table, writes
+## tests/soak/results/latest.json, exits non-zero on any error, zombie, leak or idle-CPU growth
+SOAK_MINUTES ?= 60
+soak: $(VENV)/.installed mosquitto
+	PATH="/usr/sbin:$$PATH" SOAK_MINUTES=$(SOAK_MINUTES) $(VENV)/bin/python -m tests.soak.run_soak

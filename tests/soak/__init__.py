@@ -1,0 +1,1 @@
+"""Soak runner (make soak); not collected by pytest."""
