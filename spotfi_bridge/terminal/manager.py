@@ -128,9 +128,11 @@ class SessionManager:
             return True
         loop = self._get_loop()
         tasks = [loop.create_task(session.wait_closed()) for session in waiting]
-        _, not_done = await asyncio.wait(tasks, timeout=timeout)
-        for task in not_done:
-            task.cancel()
+        try:
+            _, not_done = await asyncio.wait(tasks, timeout=timeout)
+        finally:  # also when the caller cancels us: leave no task behind
+            for task in tasks:
+                task.cancel()
         return not not_done
 
     # ------------------------------------------------------------------ dispatch
