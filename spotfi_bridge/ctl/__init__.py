@@ -14,7 +14,9 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
+from types import FrameType
 from typing import Optional, Sequence
 
 from spotfi_bridge import __version__
@@ -125,7 +127,15 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _exit_on_signal(signum: int, _frame: Optional[FrameType]) -> None:
+    """SIGTERM/SIGHUP unwind like Ctrl-C, so every ``finally`` (cursor, tty, MQTT) runs."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) == signal.SIG_DFL:
+            signal.signal(signum, _exit_on_signal)
     parser = build_parser()
     args = parser.parse_args(argv)
     flags = {name: getattr(args, name, None) for name in KEYS}

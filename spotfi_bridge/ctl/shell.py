@@ -319,7 +319,7 @@ class ShellSession:
     def _on_event(self, event: Any) -> Optional[Ending]:
         if isinstance(event, LinkEvent):
             self._notice("broker connection back; session resumed" if event.up else
-                         f"broker connection lost ({event.detail}); reconnecting…")
+                         f"broker connection lost ({event.detail}); reconnecting")
             return None
         if isinstance(event, Message):
             return self._on_message(event)

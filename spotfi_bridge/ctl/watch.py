@@ -22,6 +22,8 @@ from spotfi_bridge.ctl.settings import Settings
 class RouterView:
     status: str = "?"
     status_at: Optional[float] = None
+    #: the status was the broker's retained copy: it is at least that old, maybe much older
+    status_retained: bool = False
     metrics: dict[str, Any] = field(default_factory=dict)
     metrics_at: Optional[float] = None
     metrics_count: int = 0
@@ -71,6 +73,7 @@ class Screen:
         now = self.clock()
         if record["event"] == "status":
             view.status, view.status_at = record["status"], now
+            view.status_retained = bool(record.get("retained"))
         elif record["event"] == "metrics":
             view.metrics, view.metrics_at = record["metrics"], now
             view.metrics_count += 1
@@ -89,14 +92,15 @@ class Screen:
             v = self.routers[router]
             m = v.metrics
             rows.append((
-                router, v.status, _ago(now, v.status_at),
+                router, v.status,
+                (">" if v.status_retained else "") + _ago(now, v.status_at),
                 f"{_ago(now, v.metrics_at)} ago" if v.metrics_at is not None else "none yet",
                 duration(_number(m.get("uptime"))),
                 _load(m.get("cpuLoad")), _memory(m), _text(m.get("activeUsers")),
                 _text(m.get("sessions")),
             ))
         if len(rows) == 1:
-            lines.append("waiting for status or metrics…")
+            lines.append("waiting for status or metrics...")
         else:
             widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
             lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
