@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -238,13 +239,17 @@ class PtyEcho:
         self.proc.wait()
 
 
-def import_floor(env: dict[str, str], cwd: Optional[str] = None) -> tuple[float, int]:
-    """Seconds from spawn to the dependencies imported, and the RSS (KiB) at that point."""
+def import_floor(env: dict[str, str], cwd: Optional[str] = None) -> tuple[float, int, float]:
+    """Seconds from spawn to the dependencies imported, the RSS (KiB) at that point, and the
+    CPU seconds the whole child used."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", IMPORT_CODE], env=env, cwd=cwd,
                          capture_output=True, check=True).stdout.split()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
     # perf_counter is CLOCK_MONOTONIC: one clock for every process on the machine
-    return float(out[0]) - started, int(out[1])
+    return float(out[0]) - started, int(out[1]), cpu
 
 
 def exec_floor(argv: list[str]) -> float:

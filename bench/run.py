@@ -83,6 +83,7 @@ PHASES = ("start", "keys", "bulk", "rpc", "concurrent", "multi", "idle", "outage
 class Settings:
     quick: bool
     reps: int
+    start_reps: int
     idle_seconds: float
     bulk_bytes: int
     multi_sessions: int
@@ -106,6 +107,7 @@ class Settings:
         settings = cls(
             quick=quick,
             reps=max(1, int(env.get("BENCH_REPS", "3" if quick else "5"))),
+            start_reps=max(1, int(env.get("BENCH_REPS", "3" if quick else "9"))),
             idle_seconds=float(env.get("BENCH_IDLE_SECONDS", "10" if quick else "60")),
             bulk_bytes=(5 if quick else 20) * 1_000_000,
             multi_sessions=8,
@@ -252,6 +254,7 @@ class Bench:
         for section, values in settings.overrides.items():
             tables.setdefault(section, {}).update(values)
         self.toml = toml_text(tables)
+        self.cpu_at_online = math.nan
         self.py_spy: Optional[str] = None
         if settings.profile:
             self.py_spy = find_py_spy()
@@ -289,6 +292,8 @@ class Bench:
         except Exception:
             bridge.close()
             raise
+        self.cpu_at_online = procfs.cost_between(procfs.Snapshot({}, 0, 0),
+                                                 procfs.snapshot(bridge.pid)).cpu_s
         return bridge, at - started
 
     def wait_online(self, mark: int, timeout: float, bridge: Optional[BridgeProcess] = None
@@ -323,6 +328,12 @@ class Bench:
 
     def setup(self) -> None:
         os.environ["PATH"] = self.path
+        # Byte-compile the bridge first: with PYTHONDONTWRITEBYTECODE set (as in some CI and
+        # developer shells) every start would compile its modules from source, while the
+        # import floor's packages come precompiled from pip; a router runs from .pyc too.
+        source = Path(os.environ.get("BENCH_BRIDGE_SRC") or ROOT) / "spotfi_bridge"
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(source)], check=True,
+                       stdout=subprocess.DEVNULL)
         (self.work / "broker").mkdir()
         self.broker = Mosquitto(workdir=str(self.work / "broker")).start()
         self.api = Api(self.broker.port, "bench-api")
@@ -486,26 +497,31 @@ class Bench:
         env = dict(os.environ)
         env.update(self.new_bridge().env)  # the interpreter and paths the bridge gets
         import_floor(env)  # warm the page cache for both
-        starts, imports, rss, rss_floor = [], [], [], []
-        for rep in range(self.s.reps):
-            seconds, kib = import_floor(env)
+        starts, imports, rss, rss_floor, cpu, cpu_floor = [], [], [], [], [], []
+        for rep in range(self.s.start_reps):
+            seconds, kib, cpu_seconds = import_floor(env)
             imports.append(seconds * 1000)
             rss_floor.append(kib / 1024)
+            cpu_floor.append(cpu_seconds * 1000)
             bridge, online = self.start_bridge()
             starts.append(online * 1000)
+            cpu.append(self.cpu_at_online * 1000)
             mark = len(self.metrics_at)
             self.wait_count(self.metrics_at, mark, 15, "the first metrics")
             self.a.pump(None, 0.3)  # let the first metrics round finish its children
             rss.append(procfs.memory_kib(bridge.pid)["VmRSS"] / 1024)
-            if rep == self.s.reps - 1:
+            if rep == self.s.start_reps - 1:
                 self.bridge = bridge
             else:
                 self.stop_bridge(bridge)
         self.raw["start"] = {"online_ms": starts, "import_ms": imports, "rss_mb": rss,
-                             "import_rss_mb": rss_floor}
+                             "import_rss_mb": rss_floor, "cpu_ms": cpu, "import_cpu_ms": cpu_floor}
         self.add(Figure("start to ONLINE", median(starts), "ms", median(imports), "max_over", 20,
-                        reps=starts))
-        self.add(Figure("RSS idle", median(rss), "MB", median(rss_floor), "max_over", 2, reps=rss))
+                        reps=starts, rep_floors=imports))
+        self.add(Figure("start CPU to ONLINE", median(cpu), "ms", median(cpu_floor), reps=cpu,
+                        rep_floors=cpu_floor, note="floor: CPU of the import alone"))
+        self.add(Figure("RSS idle", median(rss), "MB", median(rss_floor), "max_over", 2, reps=rss,
+                        rep_floors=rss_floor))
 
     # keystrokes ---------------------------------------------------------------
 
@@ -568,7 +584,7 @@ class Bench:
             value, reps = stat("bridge", q)
             floor_value, floor_reps = stat("floor", q)
             self.add(Figure(f"keystroke echo p{q}", value, "ms", floor_value, kind, limit, reps=reps,
-                            rep_ratios=[a / b for a, b in zip(reps, floor_reps)]))
+                            rep_floors=floor_reps))
         self.add(Figure("PTY's own echo p50", stat("pty", 50)[0], "ms", stat("floor", 50)[0]))
 
     # bulk output --------------------------------------------------------------
@@ -650,7 +666,7 @@ class Bench:
                 cpu[who].append(used * 1000 / (len(expected) / MB))
         memory = procfs.memory_kib(self.bridge.pid)
         floor = min(median(rates["pty"]), median(rates["mqtt"]))
-        ratios = [b / min(p, m) for b, p, m in zip(rates["bridge"], rates["pty"], rates["mqtt"])]
+        rep_floors = [min(p, m) for p, m in zip(rates["pty"], rates["mqtt"])]
         self.raw["bulk"] = {"bytes": len(expected), "seq_count": count, "mb_per_s": rates,
                             "bridge_messages": len(message_sizes),
                             "bridge_mean_message_bytes": (sum(message_sizes) / len(message_sizes)
@@ -661,14 +677,14 @@ class Bench:
         self.add(Figure("bulk output", median(rates["bridge"]), "MB/s", floor, "min_ratio", 0.8,
                         ok=not any(p.startswith("bridge") for p in problems),
                         note="" if not problems else "lost/reordered bytes", reps=rates["bridge"],
-                        rep_ratios=ratios))
+                        rep_floors=rep_floors))
         self.add(Figure("bulk floor: bare PTY reader", median(rates["pty"]), "MB/s",
                         reps=rates["pty"]))
         self.add(Figure("bulk floor: minimal MQTT publisher", median(rates["mqtt"]), "MB/s",
                         reps=rates["mqtt"]))
         self.add(Figure("bulk CPU of the bridge per MB", median(cpu["bridge"]), "ms/MB",
                         median(cpu["pty"]), reps=cpu["bridge"],
-                        rep_ratios=[b / p for b, p in zip(cpu["bridge"], cpu["pty"])],
+                        rep_floors=cpu["pty"],
                         note=f"MQTT floor: {median(cpu['mqtt']):.0f} ms/MB"))
         rss_floor = median(self.raw.get("start", {}).get("import_rss_mb", [math.nan]))
         self.add(Figure("RSS peak during bulk", memory["VmHWM"] / 1024, "MB", rss_floor))
@@ -721,15 +737,16 @@ class Bench:
             floor, floor_reps = stat("floor", q)
             self.add(Figure(f"rpc bridge ping p{q}", value, "ms", floor,
                             "max_ratio" if q == 50 else "info", 1.5 if q == 50 else None,
-                            ok=ok, reps=reps, rep_ratios=[a / b for a, b in zip(reps, floor_reps)]))
+                            ok=ok, reps=reps, rep_floors=floor_reps))
         # system info's floor: the fake ubus's exec time plus the broker's round trip, same reps
         floors = [a + b for a, b in zip(stat("exec", 50)[1], stat("floor", 50)[1])]
         value, reps = stat("info", 50)
         self.add(Figure("rpc system info p50", value, "ms", median(floors), "max_over", 0.5,
-                        ok=ok, reps=reps))
+                        ok=ok, reps=reps, rep_floors=floors))
         floors95 = [a + b for a, b in zip(stat("exec", 95)[1], stat("floor", 95)[1])]
         value, reps = stat("info", 95)
-        self.add(Figure("rpc system info p95", value, "ms", median(floors95), ok=ok, reps=reps))
+        self.add(Figure("rpc system info p95", value, "ms", median(floors95), ok=ok, reps=reps,
+                        rep_floors=floors95))
         self.add(Figure("fake ubus exec p50", stat("exec", 50)[0], "ms"))
 
     def bench_concurrent(self) -> None:
@@ -760,7 +777,7 @@ class Bench:
     def bench_multi(self) -> None:
         count = seq_count_for(self.s.multi_bytes)
         expected = seq_bytes(count)
-        aggregates, fairness, floors, ratios = [], [], [], []
+        aggregates, fairness, floors = [], [], []
         problems: list[str] = []
         assert self.bridge is not None
         for _rep in range(self.s.reps):
@@ -778,7 +795,6 @@ class Bench:
             self.wait_ends(sinks, 300)
             ends = [s.end_at - started for s in sinks if s.end_at is not None]
             aggregates.append(len(expected) * len(sinks) / MB / max(ends))
-            ratios.append(aggregates[-1] / floors[-1])
             rates = [len(expected) / MB / e for e in ends]
             fairness.append(min(rates) / max(rates))
             for sink in sinks:
@@ -791,7 +807,7 @@ class Bench:
         self.raw["multi"]["pty_floor_mb_per_s"] = floors
         self.add(Figure(f"{self.s.multi_sessions} sessions aggregate", median(aggregates), "MB/s",
                         median(floors), ok=not problems, note="" if not problems else "lost/reordered bytes",
-                        reps=aggregates, rep_ratios=ratios))
+                        reps=aggregates, rep_floors=floors))
         self.add(Figure(f"{self.s.multi_sessions} sessions fairness min/max", median(fairness), "x",
                         reps=fairness))
         rss_floor = median(self.raw.get("start", {}).get("import_rss_mb", [math.nan]))

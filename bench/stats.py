@@ -43,14 +43,31 @@ class Figure:
     ok: bool = True
     note: str = ""
     reps: list[float] = field(default_factory=list)
-    #: value/floor of each rep, floor taken in that same rep; their median is the ratio
-    #: (steadier than a ratio of medians when the machine's load drifts between reps)
-    rep_ratios: list[float] = field(default_factory=list)
+    #: the floor of each rep, taken in that same rep: ratio and excess are then the medians
+    #: of the per-rep ratios and differences (steadier than a ratio of medians when the
+    #: machine's load drifts between reps)
+    rep_floors: list[float] = field(default_factory=list)
+
+    def _paired(self) -> list[tuple[float, float]]:
+        if self.rep_floors and len(self.rep_floors) == len(self.reps):
+            return list(zip(self.reps, self.rep_floors))
+        return []
+
+    @property
+    def excess(self) -> Optional[float]:
+        """How far above its floor, in the figure's unit."""
+        pairs = self._paired()
+        if pairs:
+            return median([v - f for v, f in pairs])
+        if self.floor is None or math.isnan(self.floor):
+            return None
+        return self.value - self.floor
 
     @property
     def ratio(self) -> Optional[float]:
-        if self.rep_ratios:
-            return median(self.rep_ratios)
+        pairs = self._paired()
+        if pairs:
+            return median([v / f for v, f in pairs if f])
         if self.floor is None or self.floor == 0 or math.isnan(self.floor) or math.isnan(self.value):
             return None
         return self.value / self.floor
@@ -75,10 +92,11 @@ class Figure:
             return False
         if self.kind == "max_abs":
             return self.value <= self.limit
+        if self.kind == "max_over":
+            excess = self.excess
+            return excess is not None and excess <= self.limit
         if self.floor is None or math.isnan(self.floor):
             return False
-        if self.kind == "max_over":
-            return self.value <= self.floor + self.limit
         ratio = self.ratio
         if ratio is None:
             return False
@@ -86,7 +104,7 @@ class Figure:
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data.update(ratio=self.ratio, target=self.target, passed=self.passed)
+        data.update(ratio=self.ratio, excess=self.excess, target=self.target, passed=self.passed)
         return data
 
 
@@ -104,6 +122,15 @@ def _verdict(passed: Optional[bool]) -> str:
     return "-" if passed is None else ("pass" if passed else "FAIL")
 
 
+def _notes(fig: Figure) -> str:
+    notes = []
+    if fig.kind == "max_over" and fig.excess is not None:
+        notes.append(f"{fig.excess:+.3g} {fig.unit}")
+    if fig.note:
+        notes.append(fig.note)
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
 def table(figures: Sequence[Figure]) -> str:
     header = ("figure", "value", "floor", "ratio", "target", "result")
     rows = [header]
@@ -115,7 +142,7 @@ def table(figures: Sequence[Figure]) -> str:
             _num(fig.floor),
             "-" if ratio is None else f"{ratio:.2f}x",
             fig.target,
-            _verdict(fig.passed) + (f" ({fig.note})" if fig.note else ""),
+            _verdict(fig.passed) + _notes(fig),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = []
