@@ -76,6 +76,8 @@ class MqttLink:
         self._closing = False
         self._sock_fd: Optional[int] = None
         self._writing = False
+        # True while paho is running our callbacks: paho is not re-entrant there
+        self._in_paho = False
         self._misc_timer: Optional[asyncio.TimerHandle] = None
         self._connack_timer: Optional[asyncio.TimerHandle] = None
         self._wake = asyncio.Event()
@@ -436,6 +438,9 @@ class MqttLink:
             self._complete(entry)
         else:
             self._inflight[mid] = entry
+        if not self._in_paho and client.want_write():
+            # write now rather than one loop turn later: a keystroke echo is latency-bound
+            self._paho(client.loop_write)
 
     def _on_publish(self, mid: int) -> None:
         entry = self._inflight.pop(mid, None)
@@ -534,24 +539,33 @@ class MqttLink:
     def _is_current(self, client: paho.Client) -> bool:
         return client is self._client
 
+    def _paho(self, step: Callable[[], Any]) -> None:
+        """Run one paho loop step, marking that its callbacks must not re-enter it."""
+        outer, self._in_paho = self._in_paho, True
+        try:
+            step()
+        finally:
+            self._in_paho = outer
+
     def _on_readable(self) -> None:
         client = self._client
         if client is None or self._connecting:
             return
-        client.loop_read(max_packets=256)
+        self._paho(lambda: client.loop_read(max_packets=256))
         sock = client.socket()
         # TLS may hold decrypted bytes that the socket no longer signals
         while sock is not None and _pending(sock) and self._is_current(client):
-            client.loop_read(max_packets=256)
+            self._paho(lambda: client.loop_read(max_packets=256))
             sock = client.socket()
-        if client.want_write() and not self._writing and self._is_current(client):
-            self._start_writing()
+        if client.want_write() and self._is_current(client):
+            # replies queued by the callbacks (PUBACKs, x-errors) go out in this turn
+            self._paho(client.loop_write)
 
     def _on_writable(self) -> None:
         client = self._client
         if client is None:
             return
-        client.loop_write()
+        self._paho(client.loop_write)
         if not client.want_write() and self._is_current(client):
             self._stop_writing()
 
@@ -595,7 +609,7 @@ class MqttLink:
         client = self._client
         if client is None or not self._connected:
             return
-        client.loop_misc()
+        self._paho(client.loop_misc)
         if self._is_current(client) and self._connected:
             if not self._writing and client.want_write():
                 self._start_writing()
