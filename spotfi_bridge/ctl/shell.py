@@ -327,8 +327,13 @@ class ShellSession:
 
     def _on_message(self, message: Message) -> Optional[Ending]:
         if message.topic == self.topics.status:
-            if message.payload == protocol.STATUS_OFFLINE and not message.retain:
-                return Ending(f"router {self.router} went OFFLINE", EXIT_FAILED, router_closed=True)
+            # only news: a router that drops off the broker keeps its sessions and may be back
+            # in a moment; ``~.`` is the way out if it is not
+            status = message.payload.decode("utf-8", "replace")
+            if status != self._last_status:
+                self._last_status = status
+                self._notice(f"router {self.router} is {status}"
+                             f"{'' if status == 'ONLINE' else '; ~. quits'}")
             return None
         body = self._session_message(message)
         if body is None:

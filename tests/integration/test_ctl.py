@@ -338,3 +338,33 @@ def test_watch_all_routers_with_count(api: ApiClient, broker: Mosquitto, tmp_pat
     assert sorted(r["router"] for r in records) == ["r1", "r2"]
     short = run_ctl(broker, tmp_path, "watch", "--all", "--count", "3", "--timeout", "1")
     assert short.returncode == 124 and "saw 2 of 3 events" in short.stderr
+
+
+def test_shell_survives_a_broker_restart(
+        api: ApiClient, broker: Mosquitto, make_bridge: Callable[..., BridgeProcess],
+        tmp_path: Path) -> None:
+    make_bridge(toml=BASE)
+    wait_online(api)
+    term = Terminal()
+    proc = term.spawn(ctl_argv("--broker", broker.url, "--router", ROUTER, "shell"),
+                      ctl_env(tmp_path))
+    try:
+        term.type(b"echo before-$((1+1))\r")
+        term.wait_for(b"before-2")
+        mark = len(term.output)
+        broker.restart()
+        term.wait_for(b"broker connection lost")
+        term.wait_for(b"broker connection back; session resumed")
+        # the router's ONLINE (live or retained) tells ctl, and the user, that both ends are back
+        wait_for(lambda: b"is ONLINE" in term.pump()[mark:], 15, "the router back ONLINE")
+        mark = len(term.output)
+        term.type(b"echo after-$((2+3))\r")
+        term.wait_for(b"after-5")
+        assert b"before-2" not in term.output[mark:], "no replay of old output"
+        term.type(b"\r~.")
+        assert wait_exit(proc, term) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        term.close()
