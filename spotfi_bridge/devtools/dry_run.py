@@ -97,6 +97,9 @@ class Child:
         os.set_blocking(self.fd, False)
         self.partial = b""
         self.open = True
+        #: set once a line containing ``ready_marker`` was seen
+        self.ready_marker = b""
+        self.ready = False
 
 
 class DryRun:
@@ -138,6 +141,8 @@ class DryRun:
             lines.append(child.partial)
             child.partial = b""
         for line in lines:
+            if child.ready_marker and child.ready_marker in line:
+                child.ready = True
             self.say(f"{child.name:>9} | {line.decode('utf-8', 'replace').rstrip()}")
 
     # ------------------------------------------------------------------ signals
@@ -193,18 +198,24 @@ class DryRun:
             "set_tcp_nodelay true\n"
             "log_dest stderr\n"
             "log_timestamp_format %H:%M:%S\n"
-            "log_type error\nlog_type warning\nlog_type notice\n")
+            "log_type error\nlog_type warning\nlog_type notice\nlog_type information\n")
         child = self._spawn("mosquitto", [binary, "-c", str(conf)])
+        # Mosquitto logs "mosquitto version X running" once its listeners are open: wait for that
+        # line; only if it never comes (another version's wording) probe the port once
+        child.ready_marker = b" running"
         deadline = time.monotonic() + BROKER_START_TIMEOUT
-        # bounded start-up probe: Mosquitto has no readiness signal but its listening port
-        while not _port_open(port):
+        while not child.ready and time.monotonic() < deadline:
             if child.proc.poll() is not None or self.stop_signal is not None:
-                self._pump(child, final=True)
-                raise RuntimeError(f"mosquitto exited with status {child.proc.returncode}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mosquitto did not listen on 127.0.0.1:{port} within "
-                                   f"{BROKER_START_TIMEOUT:g} s")
-            self._service(0.02)
+                break
+            self._service(max(0.0, deadline - time.monotonic()))
+        if child.proc.poll() is not None:
+            self._pump(child, final=True)
+            raise RuntimeError(f"mosquitto exited with status {child.proc.returncode}")
+        if self.stop_signal is not None:
+            raise RuntimeError("stopped while starting mosquitto")
+        if not child.ready and not _port_open(port):
+            raise RuntimeError(f"mosquitto did not listen on 127.0.0.1:{port} within "
+                               f"{BROKER_START_TIMEOUT:g} s")
         self.broker_pid = child.proc.pid
         return f"mqtt://127.0.0.1:{port}"
 
