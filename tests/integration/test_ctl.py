@@ -22,6 +22,7 @@ from tests.conftest import wait_online
 from tests.helpers.apiclient import ApiClient
 from tests.helpers.bridge import ROOT, BridgeProcess
 from tests.helpers.broker import Mosquitto
+from tests.helpers.certs import make_ca, make_server_cert
 from tests.helpers.wait import WaitTimeout, wait_for
 
 ROUTER = "test-router"
@@ -125,6 +126,37 @@ def test_unreachable_broker_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 3
     assert "cannot connect to mqtt://127.0.0.1:" in result.stderr
     assert "connection refused" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_tls_and_credentials(tmp_path: Path) -> None:
+    """An operator's setup: mqtts with a private CA and a username/password for ctl."""
+    ca = make_ca(tmp_path / "tls")
+    other_ca = make_ca(tmp_path / "tls", "other-ca")
+    cert, key = make_server_cert(tmp_path / "tls", ca, "IP:127.0.0.1,DNS:localhost")
+    users = {ROUTER: "router-token-1", "operator": "op-secret-77"}
+    with Mosquitto(users=users, tls={"cafile": str(ca[0]), "certfile": str(cert),
+                                     "keyfile": str(key)}) as broker, \
+            BridgeProcess(broker.url, toml=BASE, token="router-token-1",
+                          env={"SPOTFI_TLS_CA_FILE": str(ca[0])}) as bridge:
+
+        def ctl(cafile: Path, password: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                ctl_argv("--broker", broker.url, "--router", ROUTER, "--cafile", str(cafile),
+                         "--username", "operator", "rpc", "bridge", "ping", "--timeout", "10"),
+                env=ctl_env(tmp_path, SPOTFI_CTL_PASSWORD=password), capture_output=True,
+                text=True, timeout=15)
+
+        bridge.wait_log("connected to")
+        ok = ctl(ca[0], "op-secret-77")
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout)["pong"] is True
+        refused = ctl(ca[0], "wrong-pass-123")
+        assert refused.returncode == 3
+        assert "refused the connection" in refused.stderr and "--password" in refused.stderr
+        assert "wrong-pass-123" not in refused.stderr + refused.stdout
+        untrusted = ctl(other_ca[0], "op-secret-77")
+        assert untrusted.returncode == 3
+        assert "TLS certificate verification failed" in untrusted.stderr
 
 
 # --------------------------------------------------------------------------- sessions
