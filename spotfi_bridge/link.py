@@ -27,7 +27,7 @@ import paho.mqtt.client as paho
 
 from spotfi_bridge import mqtt_compat
 from spotfi_bridge.config import Config
-from spotfi_bridge.protocol import STATUS_OFFLINE, STATUS_ONLINE, Topics
+from spotfi_bridge.protocol import STATUS_OFFLINE, STATUS_ONLINE, Topics, topic_problem
 from spotfi_bridge.publish import OnSent
 
 log = logging.getLogger("spotfi_bridge.link")
@@ -93,6 +93,8 @@ class MqttLink:
         self._pending_msgs = 0
         self._pending_bytes = 0
         self._drop_logged_at = 0.0
+        self._invalid_logged_at = 0.0
+        self._short_lived = False  # the last connection died before stable_after
         self.stats: dict[str, int] = collections.defaultdict(int)
 
     # ------------------------------------------------------------------ public
@@ -122,7 +124,16 @@ class MqttLink:
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
                 on_sent: Optional[OnSent] = None) -> bool:
-        """See :class:`spotfi_bridge.publish.Publisher`."""
+        """See :class:`spotfi_bridge.publish.Publisher`.
+
+        A topic MQTT cannot carry (:func:`~spotfi_bridge.protocol.topic_problem`) is given
+        up on at once, so that it never costs the router its connection:
+        counted, logged, ``on_sent`` called soon, and True returned (it is not a full
+        outbox, so the caller must not wait and retry)."""
+        problem = topic_problem(topic)
+        if problem is not None:
+            self._give_up_invalid(topic, problem, on_sent)
+            return True
         mqtt = self._config.mqtt
         size = len(payload)
         if (self._pending_msgs >= mqtt.outbox_max_messages
@@ -143,6 +154,19 @@ class MqttLink:
         else:
             self._backlog.append(entry)
         return True
+
+    def _give_up_invalid(self, topic: str, problem: str, on_sent: Optional[OnSent]) -> None:
+        self.stats["dropped_invalid_topic"] += 1
+        now = time.monotonic()
+        if now - self._invalid_logged_at > 10:
+            self._invalid_logged_at = now
+            log.warning("not published: %s: %r (%d such messages dropped so far)", problem,
+                        topic[:200], self.stats["dropped_invalid_topic"])
+        if on_sent is not None:
+            if self._loop is not None:
+                self._loop.call_soon(_call_safely, on_sent)
+            else:
+                _call_safely(on_sent)
 
     def reconfigure(self, config: Config) -> bool:
         """Apply a reloaded config; returns True when a new connection is needed."""
@@ -173,7 +197,14 @@ class MqttLink:
                 break
             if self._connected or self._handshake:
                 await self._wake.wait()  # set when the connection ends, on reconfigure, on close
-                continue
+                if not self._short_lived or self._closing or self._connected or self._handshake \
+                        or self._client is None:
+                    continue
+                # a connection the broker dropped at once (a packet it refuses, a session
+                # taken over by another client with our id) would otherwise be retried in
+                # a tight loop: back off as after a failed connect
+                self._short_lived = False
+                self._wake.clear()
             try:  # back off; a reconfigure or close cuts it short
                 await asyncio.wait_for(self._wake.wait(), self._next_delay())
             except asyncio.TimeoutError:
@@ -396,6 +427,8 @@ class MqttLink:
             lasted = time.monotonic() - self._connected_since
             if lasted >= self._config.mqtt.stable_after:
                 self._attempt = 0
+            else:
+                self._short_lived = True
             if not self._closing:
                 log.warning("connection lost (%s) after %.0f s; reconnecting",
                             mqtt_compat.error_string(rc) if rc else "closed", lasted)
@@ -423,7 +456,13 @@ class MqttLink:
     def _send(self, entry: _Outgoing) -> None:
         client = self._client
         assert client is not None
-        info = client.publish(entry.topic, entry.payload, qos=entry.qos, retain=entry.retain)
+        try:
+            info = client.publish(entry.topic, entry.payload, qos=entry.qos, retain=entry.retain)
+        except (ValueError, TypeError, UnicodeError) as exc:  # paho refuses before queueing
+            self.stats["dropped_send_error"] += 1
+            log.warning("publish to %r refused by paho: %s", entry.topic[:200], exc)
+            self._complete(entry)
+            return
         rc = mqtt_compat.publish_rc(info)
         mid = mqtt_compat.message_mid(info)
         if rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN) or (
@@ -620,6 +659,13 @@ class MqttLink:
             if timer is not None:
                 timer.cancel()
         self._misc_timer = self._connack_timer = None
+
+
+def _call_safely(callback: Callable[[], None]) -> None:
+    try:
+        callback()
+    except Exception:
+        log.exception("on_sent callback failed")
 
 
 def _running_loop() -> Optional[asyncio.AbstractEventLoop]:

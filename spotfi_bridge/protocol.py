@@ -23,7 +23,44 @@ STATUS_OFFLINE = b"OFFLINE"
 TERMINAL_CAPABILITIES = ("resize", "seq", "exit-code", "initial-size")
 
 _FORBIDDEN_ID_CHARS = re.compile(r"[/+#\s\x00]")
-_API_OUT_TOPIC = re.compile(r"^spotfi/api/([^/+#\x00]+)/x/out$")
+#: one topic level, no wildcard, NUL or C0/C1 control character (Mosquitto drops a client that
+#: publishes one), at most 128 characters
+_API_OUT_TOPIC = re.compile(r"^spotfi/api/([^/+#\x00-\x1f\x7f-\x9f]{1,128})/x/out$")
+#: MQTT's limit on a topic's UTF-8 length.
+MAX_TOPIC_BYTES = 65535
+
+
+def topic_problem(topic: str) -> Optional[str]:
+    """Why a PUBLISH to ``topic`` would be refused by paho or make the broker drop the
+    connection, or ``None``. MQTT forbids NUL, wildcards and more than 65535 bytes;
+    Mosquitto also disconnects a client for control characters (U+0001-U+001F,
+    U+007F-U+009F) and non-characters; a lone surrogate cannot be encoded at all."""
+    if not topic:
+        return "empty topic"
+    if "+" in topic or "#" in topic:
+        return "wildcard in topic"
+    try:
+        size = len(topic.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "topic is not valid Unicode (lone surrogate)"
+    if size > MAX_TOPIC_BYTES:
+        return f"topic is {size} bytes long, over MQTT's {MAX_TOPIC_BYTES}"
+    for char in topic:
+        code = ord(char)
+        if code <= 0x1F or 0x7F <= code <= 0x9F:
+            return f"control character U+{code:04X} in topic"
+        if 0xFDD0 <= code <= 0xFDEF or (code & 0xFFFE) == 0xFFFE:
+            return f"non-character U+{code:04X} in topic"
+    return None
+
+
+def _encodable(text: str) -> bool:
+    """Whether ``text`` can go out as UTF-8 (JSON from the network may hold lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def router_id_problem(router_id: str) -> Optional[str]:
@@ -80,8 +117,8 @@ class Topics:
         """
         if topic == self.x_out:
             return None
-        if _API_OUT_TOPIC.fullmatch(topic):  # fullmatch: '$' alone lets a trailing newline in
-            return None
+        if _API_OUT_TOPIC.fullmatch(topic) and topic_problem(topic) is None:
+            return None  # fullmatch: '$' alone lets a trailing newline in
         return "responseTopic must be spotfi/api/<instance>/x/out or this router's x/out"
 
 
@@ -278,7 +315,8 @@ def parse_x_message(payload: bytes) -> Union[XMessage, XParseError]:
     if isinstance(obj, str):
         return XParseError(obj)
     session_id = obj.get("sessionId")
-    if not isinstance(session_id, str) or not session_id or len(session_id) > 256:
+    if not isinstance(session_id, str) or not session_id or len(session_id) > 256 \
+            or not _encodable(session_id):
         return XParseError("missing or invalid 'sessionId'")
     kind = obj.get("type")
     response_topic = obj.get("responseTopic")
