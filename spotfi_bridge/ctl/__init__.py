@@ -133,9 +133,18 @@ def _exit_on_signal(signum: int, _frame: Optional[FrameType]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    installed = {}
     for signum in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(signum) == signal.SIG_DFL:
-            signal.signal(signum, _exit_on_signal)
+            installed[signum] = signal.signal(signum, _exit_on_signal)
+    try:
+        return _main(argv)
+    finally:
+        for signum, previous in installed.items():
+            signal.signal(signum, previous)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     flags = {name: getattr(args, name, None) for name in KEYS}
