@@ -136,11 +136,16 @@ class CtlClient:
             hint = " (check --username/--password)" if result.auth_refused else ""
             raise CtlError(f"{where} refused the connection: {result.reason}{hint}", EXIT_BROKER)
 
-    def subscribe(self, topics: Iterable[str], timeout: float = 10.0) -> None:
-        """Subscribe at QoS 1 and wait for the SUBACK, so no reply can arrive unseen."""
+    def subscribe(self, topics: Iterable[str], timeout: float = 10.0,
+                  required: bool = True) -> list[str]:
+        """Subscribe at QoS 1 and wait for the SUBACK, so no reply can arrive unseen.
+
+        A topic the broker's ACL refuses is an error when ``required``; otherwise the
+        refused topics are returned (the caller does without them).
+        """
         wanted = [topic for topic in topics if topic not in self._topics]
         if not wanted:
-            return
+            return []
         self._topics.extend(wanted)
         rc, mid = self._client.subscribe([(topic, 1) for topic in wanted])
         if rc != paho.MQTT_ERR_SUCCESS:
@@ -152,9 +157,12 @@ class CtlClient:
                                f"{', '.join(wanted)} within {timeout:g} s", EXIT_BROKER)
             codes = self._subacks.pop(mid)
         refused = [topic for topic, code in zip(wanted, codes) if code >= 0x80]
-        if refused:
+        for topic in refused:
+            self._topics.remove(topic)
+        if refused and required:
             raise CtlError(f"the broker refused the subscription to {', '.join(refused)} "
                            "(not allowed by its ACL?)", EXIT_BROKER)
+        return refused
 
     # ------------------------------------------------------------------ use
 

@@ -42,7 +42,8 @@ def call(settings: Settings, path: str, method: str, args: dict[str, Any],
     client = CtlClient(settings)
     client.connect(min(timeout, 10.0))
     try:
-        client.subscribe([topics.rpc_response, topics.status])
+        client.subscribe([topics.rpc_response])
+        client.subscribe([topics.status], required=False)  # only to explain a timeout
         req_id = new_request_id()
         client.publish(topics.rpc_request, protocol.api_rpc_request(req_id, path, method, args))
         status: Optional[str] = None

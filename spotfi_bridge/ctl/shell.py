@@ -179,7 +179,10 @@ class ShellSession:
         try:
             try:
                 self.client.connect()
-                self.client.subscribe([self.client.out_topic, self.topics.status])
+                self.client.subscribe([self.client.out_topic])
+                # presence for notices, and the router's own x/out: where a bridge that no
+                # longer knows this session (it restarted) says so; both optional under an ACL
+                self.client.subscribe([self.topics.status, self.topics.x_out], required=False)
                 cols, rows = window_size(self.size_fd)
                 self._sent_size = (cols, rows)
                 self._send(protocol.api_x_start(self.session_id, self.client.out_topic,
@@ -360,11 +363,13 @@ class ShellSession:
             self._out(b"".join(chunks))
 
     def _session_message(self, message: Message) -> Optional[dict[str, Any]]:
-        if message.topic != self.client.out_topic:
+        if message.topic not in (self.client.out_topic, self.topics.x_out):
             return None
         body = protocol.decode_object(message.payload)
         if not isinstance(body, dict) or body.get("sessionId") != self.session_id:
             return None
+        if message.topic == self.topics.x_out and body.get("type") != "x-error":
+            return None  # output only ever comes on our own topic
         return body
 
     @staticmethod

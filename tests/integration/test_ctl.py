@@ -400,3 +400,30 @@ def test_shell_survives_a_broker_restart(
             proc.kill()
             proc.wait(5)
         term.close()
+
+
+def test_shell_ends_when_a_restarted_bridge_no_longer_knows_the_session(
+        api: ApiClient, broker: Mosquitto, make_bridge: Callable[..., BridgeProcess],
+        tmp_path: Path) -> None:
+    first = make_bridge(toml=BASE)
+    wait_online(api)
+    term = Terminal()
+    before = termios.tcgetattr(term.slave)
+    proc = term.spawn(ctl_argv("--broker", broker.url, "--router", ROUTER, "shell"),
+                      ctl_env(tmp_path))
+    try:
+        term.type(b"echo rea''dy\r")
+        term.wait_for(b"ready")
+        first.kill()  # a crash: the broker publishes the Last Will
+        term.wait_for(b"is OFFLINE; ~. quits")
+        make_bridge(toml=BASE)
+        term.wait_for(b"is ONLINE")
+        term.type(b"echo lost\r")  # to a session the new bridge never had
+        assert wait_exit(proc, term) == 1
+        assert b"ended: the bridge ended it: unknown session" in term.output
+        assert termios.tcgetattr(term.slave) == before
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        term.close()
