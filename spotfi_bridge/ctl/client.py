@@ -103,6 +103,7 @@ class CtlClient:
                                    on_disconnect=self._on_disconnect,
                                    on_message=self._on_message, on_publish=self._on_publish)
         client.on_subscribe = self._on_subscribe
+        client.on_socket_open = _set_nodelay
         return client
 
     def _ssl_context(self) -> ssl.SSLContext:
@@ -250,6 +251,15 @@ class CtlClient:
     def _post(self, event: Event) -> None:
         self.inbox.put(event)
         self._wake()
+
+
+def _set_nodelay(_client: Any, _userdata: Any, sock: Any) -> None:
+    """paho never sets TCP_NODELAY: without it each keystroke waits for Nagle (~40 ms here)."""
+    raw = getattr(sock, "_socket", sock)  # under a WebSocket wrapper
+    try:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass
 
 
 def _code(value: Any) -> int:
