@@ -235,6 +235,7 @@ class Bench:
         self.problems: list[str] = []
         self.work = Path(tempfile.mkdtemp(prefix="spotfi-bench-"))
         self.ubus = write_fake_ubus(self.work / "bin")
+        self.bridge_src = self.work / "src"
         self.path = f"{self.ubus.parent}:/usr/sbin:{os.environ.get('PATH', '/usr/bin:/bin')}"
         self.topics = Topics(ROUTER_ID)
         self.floor_topics = Topics(FLOOR_ID)
@@ -270,11 +271,8 @@ class Bench:
         return self.api
 
     def bridge_env(self) -> dict[str, str]:
-        env = {"PATH": self.path, "SPOTFI_ENV_FILE": "/nonexistent", "SPOTFI_LOG_LEVEL": "info"}
-        source = os.environ.get("BENCH_BRIDGE_SRC")
-        if source:  # another tree's spotfi_bridge: before/after a fix, same run conditions
-            env["PYTHONPATH"] = source
-        return env
+        return {"PATH": self.path, "SPOTFI_ENV_FILE": "/nonexistent", "SPOTFI_LOG_LEVEL": "info",
+                "PYTHONPATH": str(self.bridge_src)}
 
     def new_bridge(self) -> BenchBridge:
         assert self.broker is not None
@@ -328,12 +326,16 @@ class Bench:
 
     def setup(self) -> None:
         os.environ["PATH"] = self.path
-        # Byte-compile the bridge first: with PYTHONDONTWRITEBYTECODE set (as in some CI and
-        # developer shells) every start would compile its modules from source, while the
-        # import floor's packages come precompiled from pip; a router runs from .pyc too.
+        # Every bridge of the run comes from one snapshot of the source, taken now: the work
+        # tree may be edited while the bench runs. Byte-compiled, because with
+        # PYTHONDONTWRITEBYTECODE set (as in some CI and developer shells) each start would
+        # compile it from source while the import floor's packages come precompiled from
+        # pip; a router runs from .pyc too.
         source = Path(os.environ.get("BENCH_BRIDGE_SRC") or ROOT) / "spotfi_bridge"
-        subprocess.run([sys.executable, "-m", "compileall", "-q", str(source)], check=True,
-                       stdout=subprocess.DEVNULL)
+        shutil.copytree(source, self.bridge_src / "spotfi_bridge",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(self.bridge_src)],
+                       check=True, stdout=subprocess.DEVNULL)
         (self.work / "broker").mkdir()
         self.broker = Mosquitto(workdir=str(self.work / "broker")).start()
         self.api = Api(self.broker.port, "bench-api")
@@ -911,11 +913,12 @@ def git_describe() -> dict[str, Any]:
                                                                   "--", "spotfi_bridge"))}
 
 
-def report(bench: Bench, started: float, load_before: tuple[float, float, float]) -> dict[str, Any]:
+def report(bench: Bench, started: float, load_before: tuple[float, float, float],
+           source: dict[str, Any]) -> dict[str, Any]:
     return {
         "meta": {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            **git_describe(),
+            **source,
             "python": platform.python_version(),
             "paho": mqtt_compat.PAHO_VERSION,
             "machine": platform.machine(),
@@ -959,13 +962,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     load_before = os.getloadavg()
     log(f"{'quick' if settings.quick else 'full'} run: {settings.reps} reps, idle window "
         f"{settings.idle_seconds:g} s, bridge overrides {settings.overrides or 'none'}")
+    source = git_describe()  # before the snapshot of the source is taken
     bench = Bench(settings)
     try:
         bench.run()
     except Exception:
         traceback.print_exc()
         bench.problems.append("the bench stopped early: " + traceback.format_exc(limit=1).strip())
-    result = _json_safe(report(bench, started, load_before))
+    result = _json_safe(report(bench, started, load_before, source))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=2)
