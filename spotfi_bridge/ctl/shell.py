@@ -197,6 +197,8 @@ class ShellSession:
                 ending = Ending(f"interrupted by {signal.Signals(exc.signum).name}", 128 + exc.signum)
             except CtlError as exc:
                 ending = Ending(str(exc), exc.exit_code)
+            except OSError as exc:  # the local terminal went away under us (EIO, EBADF)
+                ending = Ending(f"local terminal error: {exc.strerror or exc}", EXIT_FAILED)
         finally:
             self.mode.restore()
             for signum, handler in previous.items():
