@@ -275,3 +275,26 @@ def test_sessions_table_has_one_row_per_session() -> None:
     header, row = text.splitlines()
     assert header.split()[:3] == ["SESSION", "PID", "SIZE"]
     assert row.split() == ["s1", "10", "80x24", "1m15s", "3s", "10B", "4.0KiB", "t"]
+
+
+def test_watch_screen_renders_status_and_metrics(tmp_path: Path) -> None:
+    import io
+
+    from spotfi_bridge.ctl.watch import Screen
+
+    now = [100.0]
+    out = io.StringIO()
+    screen = Screen(resolve({"router": "r1"}, env(tmp_path)), out, lambda: now[0])
+    assert "waiting for status or metrics" in screen.render()
+    screen.apply({"router": "r1", "event": "status", "status": "ONLINE", "retained": True})
+    screen.apply({"router": "r1", "event": "metrics", "metrics": {
+        "uptime": "3700", "cpuLoad": 125, "totalMemory": 2048, "freeMemory": 1024,
+        "activeUsers": 3, "sessions": 1}})
+    now[0] = 175.0
+    rows = screen.render().splitlines()
+    header = next(i for i, line in enumerate(rows) if line.startswith("ROUTER"))
+    assert rows[header + 1].split() == ["r1", "ONLINE", ">1m15s", "1m15s", "ago", "1h01m", "1.25",
+                                        "1.0KiB/2.0KiB", "3", "1"]
+    assert "  activeUsers: 3" in rows
+    screen.draw()
+    assert out.getvalue().startswith("\x1b[H") and out.getvalue().endswith("\x1b[J")
