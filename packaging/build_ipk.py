@@ -142,11 +142,14 @@ def read_version(source: Path = ROOT) -> str:
 
 
 def python_files(package_dir: Path) -> list[Path]:
-    """The ``.py`` files of a package, without caches and tests (routers need neither)."""
+    """The ``.py`` files of a package, without caches, tests and developer tools.
+
+    Routers need none of them (``devtools`` runs the dry run on a developer's machine).
+    """
     files = []
     for path in package_dir.rglob("*.py"):
         parts = path.relative_to(package_dir).parts
-        if any(part in ("__pycache__", "tests", "test") for part in parts):
+        if any(part in ("__pycache__", "tests", "test", "devtools") for part in parts):
             continue
         files.append(path)
     return sorted(files)
