@@ -114,6 +114,12 @@ async def run_child(argv: Sequence[str], *, timeout: float, output_cap: int,
     timed_out = False
     try:
         if await _wait(protocol.exited, deadline - loop.time()):
+            code = transport.get_returncode()
+            if code is not None and code < 0:
+                # the leader was killed (OOM killer, an operator): what it started is
+                # orphaned and nobody will ever wait for it. A leader that exited on its own
+                # may leave background work on purpose (`(sleep 5; reboot) &`): spared.
+                kill_group(pid)
             await _wait(protocol.pipes_closed, min(EXIT_GRACE, deadline - loop.time()))
         else:
             timed_out = True

@@ -475,8 +475,6 @@ def test_sigkill_of_an_rpc_child(scene: Scene) -> None:
     assert len(replies(api, req)) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="rpc/child.py leaves the rest of the process group "
-                   "running when the leader dies and a grandchild keeps the pipes open")
 def test_sigkill_of_an_rpc_shell_leaves_no_orphan(scene: Scene) -> None:
     api = scene.api
     req = scene.rpc_send("file", "exec", {"command": "/bin/sh",
