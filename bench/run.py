@@ -236,6 +236,8 @@ class Bench:
         self.work = Path(tempfile.mkdtemp(prefix="spotfi-bench-"))
         self.ubus = write_fake_ubus(self.work / "bin")
         self.bridge_src = self.work / "src"
+        self.profiles = self.work / "profiles"  # py-spy's raw stacks; the work dir is then kept
+        self.profiles.mkdir()
         self.path = f"{self.ubus.parent}:/usr/sbin:{os.environ.get('PATH', '/usr/bin:/bin')}"
         self.topics = Topics(ROUTER_ID)
         self.floor_topics = Topics(FLOOR_ID)
@@ -360,7 +362,7 @@ class Bench:
                 action()
             except Exception as exc:
                 log(f"teardown: {exc}")
-        if os.environ.get("BENCH_KEEP", "") in ("", "0"):
+        if os.environ.get("BENCH_KEEP", "") in ("", "0") and not self.py_spy:
             shutil.rmtree(self.work, ignore_errors=True)
         else:
             log(f"kept the work directory {self.work}")
@@ -384,7 +386,7 @@ class Bench:
         recording = None
         if self.py_spy and self.bridge is not None and self.bridge.proc is not None:
             slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-            recording = Recording(self.py_spy, self.bridge.pid, RESULTS / f"profile-{slug}.txt")
+            recording = Recording(self.py_spy, self.bridge.pid, self.profiles / f"{slug}.txt")
         try:
             body()
         except Exception as exc:
@@ -411,7 +413,7 @@ class Bench:
     def profile_start(self) -> None:
         """One more start, under ``py-spy record`` from exec to ONLINE."""
         assert self.py_spy is not None
-        out = RESULTS / "profile-start.txt"
+        out = self.profiles / "start.txt"
         bridge = self.new_bridge()
         bridge.prefix = (self.py_spy, "record", "--rate", "1000", "--format", "raw", "-o",
                          str(out), "--")
