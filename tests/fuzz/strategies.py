@@ -347,8 +347,8 @@ class Recombiner:
         # and every session id would soon be one that already ended
         if "id" in body and rng.random() < 0.8:
             body["id"] = f"cmd_r{self.serial}" if rng.random() < 0.8 else self.serial
-        if "sessionId" in body and rng.random() < 0.3:
-            body["sessionId"] = f"fuzz-r{self.serial}"
+        if "sessionId" in body and rng.random() < 0.3:  # shared by ~6 messages: start, stop...
+            body["sessionId"] = f"fuzz-r{self.serial // 20}"
         kind = rng.choice(DAMAGES) if rng.random() < 0.25 else None
         self.damage_counts[kind or "none"] += 1
         return template.topic, damage(encode(body, rng.random() < 0.5), kind, rng, self.limit)
