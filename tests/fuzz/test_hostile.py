@@ -13,11 +13,14 @@
 from __future__ import annotations
 
 import collections
+import fcntl
 import json
 import os
+import shutil
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import pytest
@@ -373,3 +376,83 @@ def test_rpc_replies_ignore_a_response_topic_in_the_request(
     hits = wait_for(lambda: (lambda h: h if len(h) >= 2 else None)(watch.hits("redirect-probe")),
                     5, "the watcher to see request and reply")
     assert {topic for topic, _ in hits} == {TOPICS.rpc_request, TOPICS.rpc_response}, hits
+
+
+# --------------------------------------------------------------------------- limits
+
+
+def _x_reply(api: ApiClient, session_id: str, timeout: float = 10.0) -> dict[str, Any]:
+    message = api.wait_message(api.out_topic, lambda m: isinstance(_body(m), dict) and (
+        _body(m).get("sessionId") == session_id
+        and _body(m).get("type") in ("x-started", "x-error")), timeout)
+    body: dict[str, Any] = message.json()
+    return body
+
+
+def test_x_start_flood_is_bounded_by_max_sessions_and_counted(
+        api: ApiClient, make_bridge: Callable[..., BridgeProcess]) -> None:
+    bridge = make_bridge(router_id=ROUTER,
+                         toml='[terminal]\nmax_sessions = 3\nshell = ["/bin/cat"]\n')
+    wait_online(api, ROUTER)
+    api.subscribe(api.out_topic)
+    run = uuid.uuid4().hex[:6]
+    ids = [f"flood-{n}-{run}" for n in range(25)]
+    for session_id in ids:
+        api.publish(TOPICS.x_in, json.dumps({"type": "x-start", "sessionId": session_id,
+                                             "responseTopic": api.out_topic}).encode())
+    replies = {session_id: _x_reply(api, session_id) for session_id in ids}
+    started = [s for s in ids if replies[s]["type"] == "x-started"]
+    refused = [s for s in ids if replies[s]["type"] == "x-error"]
+    assert started == ids[:3]  # x/in is handled in order
+    assert all(replies[s].get("reason") == "limit" for s in refused), replies
+    assert len(refused) == 22
+    info = rpc_call(api, "bridge", "info")["result"]["terminal"]
+    assert info["refused_limit"] == 22 and info["active"] == 3 and info["started"] == 3
+    shells = [procfs.cmdline(pid) for pid in procfs.children(bridge.pid)]
+    assert shells == [["/bin/cat"]] * 3
+    # a stopped session frees its slot
+    api.x_stop(ROUTER, started[0])
+    wait_for(lambda: rpc_call(api, "bridge", "info")["result"]["terminal"]["active"] == 2, 10,
+             "the stopped session to end")
+    again = api.x_start(ROUTER, f"again-{run}")
+    assert _x_reply(api, again)["type"] == "x-started"
+
+
+def test_rpc_flood_is_bounded_by_concurrency_and_queue_and_counted(
+        api: ApiClient, make_bridge: Callable[..., BridgeProcess], tmp_path: Path) -> None:
+    flock = shutil.which("flock")
+    assert flock, "flock (util-linux) is needed to hold RPC children without timing"
+    bridge = make_bridge(router_id=ROUTER, toml='[rpc]\nbackend = "local"\nmax_concurrent = 2\n'
+                                                'queue_size = 3\n')
+    wait_online(api, ROUTER)
+    api.subscribe(TOPICS.rpc_response)
+    gate = tmp_path / "gate"
+    gate.touch()
+    run = uuid.uuid4().hex[:6]
+    ids = [f"flood-{n}-{run}" for n in range(20)]
+    with open(gate) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # every child blocks on it until released
+        for n, req_id in enumerate(ids):
+            api.rpc_send(ROUTER, "file", "exec", {"command": flock, "params": [
+                "-s", str(gate), "/bin/echo", f"ran-{n}"]}, req_id=req_id)
+        busy = [api.wait_message(TOPICS.rpc_response, lambda m, i=req_id: i.encode() in m.payload)
+                for req_id in ids[5:]]
+        assert all(m.json()["status"] == "error" and m.json()["error"] == "busy" for m in busy)
+        # the bridge object is answered in-process: ping works while the executor is full
+        assert rpc_call(api, "bridge", "ping")["status"] == "success"
+        info = rpc_call(api, "bridge", "info")["result"]
+        counters = info["counters"]
+        assert counters["busy"] == 15 and counters["running"] == 2 and counters["queued"] == 3
+        children = procfs.children(bridge.pid)
+        assert [procfs.cmdline(pid)[0] for pid in children] == [flock, flock]
+        fcntl.flock(held, fcntl.LOCK_UN)
+    done = [api.wait_message(TOPICS.rpc_response, lambda m, i=req_id: i.encode() in m.payload)
+            for req_id in ids[:5]]
+    for n, message in enumerate(done):
+        body = message.json()
+        assert body["status"] == "success" and body["result"]["stdout"] == f"ran-{n}\n", body
+    rpc_call(api, "bridge", "ping")  # a sentinel: anything still to come has come
+    for req_id in ids:  # exactly one reply each
+        assert len(api.matching(TOPICS.rpc_response, lambda m, i=req_id: i.encode() in m.payload)) == 1
+    counters = rpc_call(api, "bridge", "info")["result"]["counters"]
+    assert counters["busy"] == 15 and counters["running"] == 0 and counters["queued"] == 0
