@@ -582,6 +582,13 @@ def _build(raw: _Raw, sources: tuple[str, ...], warnings: tuple[str, ...]) -> Co
         raise ConfigError(f"{_where(raw, 'rpc', 'max_timeout', 'default_timeout')}: [rpc] "
                           f"max_timeout = {rpc.max_timeout} is invalid: expected a number not "
                           f"below default_timeout ({rpc.default_timeout})")
+    if tls.insecure:
+        where = _where(raw, "tls", "insecure")
+        warnings += ((f"{where}: [tls] insecure = true: the broker's certificate and host name "
+                      "are NOT verified; anyone on the path can pose as the broker and read the "
+                      "router token") if broker.tls else
+                     (f"{where}: [tls] insecure = true has no effect: the broker URL "
+                      f"{broker.scheme}:// does not use TLS"),)
     log_values = _section(raw, "log")
     return Config(
         router=router,

@@ -380,3 +380,15 @@ def test_ubus_call_arguments_stay_single_argv_words(
     assert argv[-4:] == [b"call", path.encode(), method.encode(),
                          json.dumps(args, separators=(",", ":")).encode()]
     assert not mark.exists()
+
+
+def test_tls_verification_turned_off_is_warned_about(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "SPOTFI_ENV_FILE": str(tmp_path / "x"),
+           "SPOTFI_ROUTER_ID": ROUTER, "SPOTFI_TOKEN": TOKEN,
+           "SPOTFI_MQTT_BROKER": "mqtts://broker.example", "SPOTFI_TLS_INSECURE": "true"}
+    proc = subprocess.run([sys.executable, "-m", "spotfi_bridge", "check-config"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: environment variable SPOTFI_TLS_INSECURE: [tls] insecure = true: the " \
+           "broker's certificate and host name are NOT verified" in proc.stderr
+    assert TOKEN not in proc.stdout + proc.stderr
