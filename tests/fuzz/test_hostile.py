@@ -418,6 +418,11 @@ def test_x_start_flood_is_bounded_by_max_sessions_and_counted(
     assert _x_reply(api, again)["type"] == "x-started"
 
 
+def _mentions(req_id: str) -> Callable[[Received], bool]:
+    needle = req_id.encode()
+    return lambda message: needle in message.payload
+
+
 def test_rpc_flood_is_bounded_by_concurrency_and_queue_and_counted(
         api: ApiClient, make_bridge: Callable[..., BridgeProcess], tmp_path: Path) -> None:
     flock = shutil.which("flock")
@@ -435,7 +440,7 @@ def test_rpc_flood_is_bounded_by_concurrency_and_queue_and_counted(
         for n, req_id in enumerate(ids):
             api.rpc_send(ROUTER, "file", "exec", {"command": flock, "params": [
                 "-s", str(gate), "/bin/echo", f"ran-{n}"]}, req_id=req_id)
-        busy = [api.wait_message(TOPICS.rpc_response, lambda m, i=req_id: i.encode() in m.payload)
+        busy = [api.wait_message(TOPICS.rpc_response, _mentions(req_id))
                 for req_id in ids[5:]]
         assert all(m.json()["status"] == "error" and m.json()["error"] == "busy" for m in busy)
         # the bridge object is answered in-process: ping works while the executor is full
@@ -446,13 +451,13 @@ def test_rpc_flood_is_bounded_by_concurrency_and_queue_and_counted(
         children = procfs.children(bridge.pid)
         assert [procfs.cmdline(pid)[0] for pid in children] == [flock, flock]
         fcntl.flock(held, fcntl.LOCK_UN)
-    done = [api.wait_message(TOPICS.rpc_response, lambda m, i=req_id: i.encode() in m.payload)
+    done = [api.wait_message(TOPICS.rpc_response, _mentions(req_id))
             for req_id in ids[:5]]
     for n, message in enumerate(done):
         body = message.json()
         assert body["status"] == "success" and body["result"]["stdout"] == f"ran-{n}\n", body
     rpc_call(api, "bridge", "ping")  # a sentinel: anything still to come has come
     for req_id in ids:  # exactly one reply each
-        assert len(api.matching(TOPICS.rpc_response, lambda m, i=req_id: i.encode() in m.payload)) == 1
+        assert len(api.matching(TOPICS.rpc_response, _mentions(req_id))) == 1
     counters = rpc_call(api, "bridge", "info")["result"]["counters"]
     assert counters["busy"] == 15 and counters["running"] == 0 and counters["queued"] == 0
