@@ -19,6 +19,7 @@ import concurrent.futures
 import logging
 import random
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -33,6 +34,9 @@ from spotfi_bridge.publish import OnSent
 log = logging.getLogger("spotfi_bridge.link")
 
 MessageHandler = Callable[[str, bytes], None]
+
+#: For this long after the link went down, retry at ``backoff_min``; exponential after.
+QUICK_RETRY_WINDOW = 10.0
 
 #: Messages paho may have on the wire unacknowledged; more wait, in order, inside paho.
 MAX_INFLIGHT = 100
@@ -78,12 +82,14 @@ class MqttLink:
         self._writing = False
         # True while paho is running our callbacks: paho is not re-entrant there
         self._in_paho = False
+        self._loop_thread: Optional[int] = None
         self._misc_timer: Optional[asyncio.TimerHandle] = None
         self._connack_timer: Optional[asyncio.TimerHandle] = None
         self._wake = asyncio.Event()
         self._connected_event = asyncio.Event()
         self._connected_since = 0.0
         self._attempt = 0
+        self._down_since: Optional[float] = None  # when the current outage began
         self._refused_streak = False
         self._failure_streak = 0
         # outbox: accepted but not yet sent (backlog) or not yet acknowledged (inflight)
@@ -187,6 +193,7 @@ class MqttLink:
     async def run(self) -> None:
         """Connect, and reconnect with backoff, until :meth:`close`."""
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         while not self._closing:
             if self._client is None:
                 self._client = self._new_client()
@@ -349,9 +356,15 @@ class MqttLink:
 
     def _next_delay(self) -> float:
         mqtt = self._config.mqtt
-        # a few quick retries first (a broker restart is over in seconds), then exponential
-        base = min(mqtt.backoff_max, mqtt.backoff_min * (2 ** min(max(0, self._attempt - 3), 16)))
-        self._attempt += 1
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+        if now - self._down_since < QUICK_RETRY_WINDOW:
+            # a broker restart or a WAN flap is over in seconds: retry fast at first
+            base = mqtt.backoff_min
+        else:
+            base = min(mqtt.backoff_max, mqtt.backoff_min * (2 ** min(self._attempt, 16)))
+            self._attempt += 1
         delay: float = base * random.uniform(0.5, 1.0)
         log.debug("reconnecting in %.2f s", delay)
         return delay
@@ -380,6 +393,7 @@ class MqttLink:
         assert client is not None
         self._connected = True
         self._connected_since = time.monotonic()
+        self._down_since = None
         self._refused_streak = False
         if self._failure_streak:
             log.info("connected to %s after %d failed attempts", cfg.mqtt.broker.host,
@@ -477,9 +491,9 @@ class MqttLink:
             self._complete(entry)
         else:
             self._inflight[mid] = entry
-        if not self._in_paho and client.want_write():
+        if not self._in_paho:
             # write now rather than one loop turn later: a keystroke echo is latency-bound
-            self._paho(client.loop_write)
+            self._flush(client)
 
     def _on_publish(self, mid: int) -> None:
         entry = self._inflight.pop(mid, None)
@@ -526,7 +540,7 @@ class MqttLink:
         old socket, and :meth:`_connect_once` starts watching the new one when it
         returns; acting on those calls from the other thread would race with that.
         """
-        if self._loop is not None and _running_loop() is self._loop:
+        if threading.get_ident() == self._loop_thread:  # no syscall, unlike get_running_loop
             callback()
 
     def _on_socket_open(self, client: Any, userdata: Any, sock: Any) -> None:
@@ -558,7 +572,11 @@ class MqttLink:
         self._in_loop(self._unwatch_socket)
 
     def _on_socket_register_write(self, client: Any, userdata: Any, sock: Any) -> None:
-        self._in_loop(self._start_writing)
+        # Inside a paho step or a publish the bytes are written inline right after it
+        # (_paho, _send): a writer is only added when the socket is full. That saves
+        # two epoll_ctl calls and a loop turn per packet.
+        if not self._in_paho:
+            self._in_loop(self._start_writing)
 
     def _on_socket_unregister_write(self, client: Any, userdata: Any, sock: Any) -> None:
         self._in_loop(self._stop_writing)
@@ -578,27 +596,39 @@ class MqttLink:
     def _is_current(self, client: paho.Client) -> bool:
         return client is self._client
 
-    def _paho(self, step: Callable[[], Any]) -> None:
-        """Run one paho loop step, marking that its callbacks must not re-enter it."""
+    def _paho(self, step: Callable[[], Any], client: Optional[paho.Client] = None) -> None:
+        """Run one paho loop step, marking that its callbacks must not re-enter it; then
+        write what it queued (PUBACKs, replies) in the same turn."""
         outer, self._in_paho = self._in_paho, True
         try:
             step()
         finally:
             self._in_paho = outer
+        if not outer and client is not None and self._is_current(client):
+            self._flush(client)
+
+    def _flush(self, client: paho.Client) -> None:
+        """Write queued packets now; watch for writability only if the socket is full."""
+        if not client.want_write():
+            return
+        outer, self._in_paho = self._in_paho, True
+        try:
+            client.loop_write()
+        finally:
+            self._in_paho = outer
+        if client.want_write() and self._is_current(client):
+            self._start_writing()
 
     def _on_readable(self) -> None:
         client = self._client
         if client is None or self._connecting:
             return
-        self._paho(lambda: client.loop_read(max_packets=256))
+        self._paho(lambda: client.loop_read(max_packets=256), client)
         sock = client.socket()
         # TLS may hold decrypted bytes that the socket no longer signals
         while sock is not None and _pending(sock) and self._is_current(client):
-            self._paho(lambda: client.loop_read(max_packets=256))
+            self._paho(lambda: client.loop_read(max_packets=256), client)
             sock = client.socket()
-        if client.want_write() and self._is_current(client):
-            # replies queued by the callbacks (PUBACKs, x-errors) go out in this turn
-            self._paho(client.loop_write)
 
     def _on_writable(self) -> None:
         client = self._client
@@ -648,10 +678,8 @@ class MqttLink:
         client = self._client
         if client is None or not self._connected:
             return
-        self._paho(client.loop_misc)
+        self._paho(client.loop_misc, client)
         if self._is_current(client) and self._connected:
-            if not self._writing and client.want_write():
-                self._start_writing()
             self._schedule_misc()
 
     def _cancel_timers(self) -> None:
