@@ -8,7 +8,9 @@ the two directions never wait for each other (a throttled upload does not hold
 back the PINGRESP coming down), latency is a pipeline delay (it adds to every
 chunk's trip without dividing the throughput), and throttling reads in small
 slices at the configured rate, so the sender's own socket buffer fills and
-backpressure reaches it as on a slow WAN.
+backpressure reaches it as on a slow WAN. A black hole swallows data and also
+the FIN or RST of a side that gives up, until it is lifted: neither end learns
+anything from the other, as with a dead route.
 """
 
 from __future__ import annotations
