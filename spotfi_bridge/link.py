@@ -393,7 +393,6 @@ class MqttLink:
         assert client is not None
         self._connected = True
         self._connected_since = time.monotonic()
-        self._down_since = None
         self._refused_streak = False
         if self._failure_streak:
             log.info("connected to %s after %d failed attempts", cfg.mqtt.broker.host,
@@ -441,7 +440,8 @@ class MqttLink:
             lasted = time.monotonic() - self._connected_since
             if lasted >= self._config.mqtt.stable_after:
                 self._attempt = 0
-            else:
+                self._down_since = None  # a new outage: fast retries again
+            else:  # a flapping link stays in the outage it was in
                 self._short_lived = True
             if not self._closing:
                 log.warning("connection lost (%s) after %.0f s; reconnecting",

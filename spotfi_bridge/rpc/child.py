@@ -77,6 +77,11 @@ class _ChildProtocol(asyncio.SubprocessProtocol):
             self.exited.set_result(None)
 
 
+def child_environment() -> dict[str, str]:
+    """The daemon's environment without its own settings: ``SPOTFI_TOKEN`` may be there."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("SPOTFI_")}
+
+
 def kill_group(pid: int) -> None:
     """SIGKILL the process group led by ``pid`` (the child started with a new session)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -108,7 +113,7 @@ async def run_child(argv: Sequence[str], *, timeout: float, output_cap: int,
         stderr=subprocess.PIPE,
         start_new_session=True,
         close_fds=True,
-        env=dict(env) if env is not None else None,
+        env=dict(env) if env is not None else child_environment(),
     )
     pid = transport.get_pid()
     timed_out = False

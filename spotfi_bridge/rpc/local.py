@@ -30,7 +30,7 @@ from spotfi_bridge.rpc.backend import (
     timeout_failure,
     ubus_failure,
 )
-from spotfi_bridge.rpc.child import run_child
+from spotfi_bridge.rpc.child import child_environment, run_child
 from spotfi_bridge.rpc.ubus import decode_text
 
 Handler = Callable[[Call], Awaitable[Any]]
@@ -198,7 +198,7 @@ class LocalBackend:
             raise UbusError(UBUS_NOT_FOUND)
         if not os.access(executable, os.X_OK):
             raise UbusError(UBUS_PERMISSION_DENIED)
-        environ = dict(os.environ)
+        environ = child_environment()
         environ.update(env)
         try:
             child = await run_child([executable, *params], timeout=call.timeout,

@@ -214,9 +214,6 @@ def test_wrong_token_refusal_logs_no_token(make_bridge: Callable[..., BridgeProc
     assert TOKEN not in log
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "rpc/local.py _file_exec passes the daemon's whole environment (SPOTFI_TOKEN when the "
-    "token came from the environment) to file exec children; see the issue 7 report"))
 def test_rpc_children_do_not_inherit_the_token_from_the_environment(
         api: ApiClient, make_bridge: Callable[..., BridgeProcess]) -> None:
     make_bridge(router_id=ROUTER, token=TOKEN, env={"SPOTFI_RPC_BACKEND": "local"})
