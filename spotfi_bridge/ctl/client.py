@@ -34,6 +34,8 @@ EXIT_BROKER = 3
 EXIT_TIMEOUT = 124
 
 KEEPALIVE = 30
+#: Seconds close() waits for paho's network thread to stop.
+CLOSE_TIMEOUT = 2.0
 
 
 class CtlError(Exception):
@@ -208,7 +210,12 @@ class CtlClient:
             self._client.disconnect()
         except Exception:
             pass
-        self._client.loop_stop()
+        # Bounded: a Ctrl-C that landed inside a queue's lock (an asynchronous
+        # KeyboardInterrupt can leave it held) would otherwise leave paho's thread blocked
+        # on that lock and loop_stop() joining it forever. Its thread is a daemon.
+        stopper = threading.Thread(target=self._client.loop_stop, daemon=True)
+        stopper.start()
+        stopper.join(CLOSE_TIMEOUT)
 
     # ------------------------------------------------------------------ paho thread
 
