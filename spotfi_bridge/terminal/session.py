@@ -146,16 +146,32 @@ class PtySession:
         finally:
             proc.fileobj.close()
             proc.closed = True
-        os.set_blocking(self._fd, False)
         try:
-            self._pidfd = os.pidfd_open(self.pid)
-        except (AttributeError, OSError):  # kernel < 5.3: EIO on the master, then poll
-            self._pidfd = -1
+            os.set_blocking(self._fd, False)
+            try:
+                self._pidfd = os.pidfd_open(self.pid)
+            except (AttributeError, OSError):  # kernel < 5.3: EIO on the master, then poll
+                self._pidfd = -1
+            if self._pidfd >= 0:
+                self._loop.add_reader(self._pidfd, self._check_child)
+            self._enqueue(protocol.x_started(self.id), 0)
+            self._pump()
+            self._update_reader()
+        except BaseException:
+            # whatever failed, the shell must not outlive a session nobody tracks
+            self._abort_start()
+            raise
+
+    def _abort_start(self) -> None:
+        self._ended = True
+        self._cancel_timers(retry=True)
         if self._pidfd >= 0:
-            self._loop.add_reader(self._pidfd, self._check_child)
-        self._enqueue(protocol.x_started(self.id), 0)
-        self._pump()
-        self._update_reader()
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+        self._close_master()
+        if not self._reaped:
+            self._kill_now()
 
     def send_started(self) -> None:
         """Answer a redelivered ``x-started`` in order with the output."""

@@ -754,3 +754,37 @@ def test_500_start_stop_cycles_leave_nothing_behind() -> None:
                   if not h.cancelled() and "spotfi_bridge" in repr(h)]
         assert timers == [], "an idle manager must leave no timer running"
     run(body, timeout=90)
+
+
+def test_a_failing_start_leaves_no_shell_behind() -> None:
+    """If anything after the spawn raises (here the publish of x-started), the shell dies."""
+
+    def exploding_publish(topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                          on_sent: Optional[OnSent] = None) -> bool:
+        raise RuntimeError("link exploded")
+
+    def my_sleepers() -> list[int]:
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    argv = handle.read().split(b"\0")
+                with open(f"/proc/{entry}/stat") as handle:
+                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            if argv[:2] == [b"sleep", b"4321"] and ppid == os.getpid():
+                found.append(int(entry))
+        return found
+
+    async def body() -> None:
+        config = replace(CONFIG, shell=("/bin/sh", "-c", "exec sleep 4321"))
+        manager = SessionManager(config, exploding_publish, Topics("test-router"))
+        manager.handle(protocol.api_x_start("boom", "spotfi/api/i1/x/out"))
+        assert len(manager) == 0
+        assert manager.counters()["internal_error"] == 1
+        await until(lambda: not my_sleepers(), "no shell left running")
+        assert not my_zombies()
+    run(body)
