@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -26,12 +25,7 @@ class BenchTimeout(RuntimeError):
     pass
 
 
-def set_nodelay(sock: Any) -> None:
-    raw = getattr(sock, "_socket", sock)
-    try:
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):
-        pass
+set_nodelay = mqtt_compat.set_nodelay
 
 
 class Api:

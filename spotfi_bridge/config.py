@@ -199,7 +199,8 @@ def _number(low: float, high: float, integer: bool = False) -> Converter:
     return convert
 
 
-def _boolean(value: Any) -> bool:
+def parse_bool(value: Any) -> bool:
+    """true/false, or 1/0, yes/no, on/off as strings; raises ValueError otherwise."""
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
@@ -273,7 +274,7 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "broker": _Key("a URL like mqtt://host:1883 (tcp, mqtt, ssl, mqtts, ws, wss)", _string),
         "keepalive": _Key("an integer from 5 to 3600 (seconds)", _number(5, 3600, True)),
         "protocol": _Key('"3.1.1" or "5"', _choice("3.1.1", "5", "3", "311")),
-        "clean_session": _Key("true or false", _boolean),
+        "clean_session": _Key("true or false", parse_bool),
         "connect_timeout": _Key("a number from 1 to 120 (seconds)", _number(1, 120)),
         "backoff_min": _Key("a number from 0.05 to 60 (seconds)", _number(0.05, 60)),
         "backoff_max": _Key("a number from 1 to 3600 (seconds)", _number(1, 3600)),
@@ -288,7 +289,7 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "ca_file": _Key("a path to a PEM file", _string),
         "cert_file": _Key("a path to a PEM file", _string),
         "key_file": _Key("a path to a PEM file", _string),
-        "insecure": _Key("true or false", _boolean),
+        "insecure": _Key("true or false", parse_bool),
     },
     "metrics": {
         "interval": _Key("a number from 5 to 55 (seconds; the API's heartbeat lasts 60 s)",

@@ -256,7 +256,9 @@ class MqttLink:
         client.max_queued_messages_set(0)
         mqtt_compat.set_connect_timeout(client, cfg.mqtt.connect_timeout)
         if cfg.mqtt.broker.tls:
-            client.tls_set_context(self._ssl_context())
+            tls = cfg.tls
+            client.tls_set_context(mqtt_compat.tls_context(tls.ca_file, tls.cert_file,
+                                                           tls.key_file, tls.insecure))
             if cfg.tls.insecure:
                 client.tls_insecure_set(True)
         if cfg.mqtt.broker.transport == "websockets":
@@ -275,18 +277,6 @@ class MqttLink:
         client.connect_async(cfg.mqtt.broker.host, cfg.mqtt.broker.port,
                              keepalive=cfg.mqtt.keepalive, **kwargs)
         return client
-
-    def _ssl_context(self) -> Any:
-        import ssl
-
-        tls = self._config.tls
-        context = ssl.create_default_context(cafile=tls.ca_file or None)
-        if tls.cert_file:
-            context.load_cert_chain(tls.cert_file, tls.key_file or None)
-        if tls.insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
 
     def _drop_client(self) -> None:
         """Forget the current client and its socket (a new one is made on the next attempt)."""
@@ -544,7 +534,7 @@ class MqttLink:
             callback()
 
     def _on_socket_open(self, client: Any, userdata: Any, sock: Any) -> None:
-        _set_nodelay(sock)
+        mqtt_compat.set_nodelay(sock)
 
     def _watch_socket(self, client: paho.Client) -> None:
         sock = client.socket()
@@ -701,15 +691,6 @@ def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
-
-
-def _set_nodelay(sock: Any) -> None:
-    """paho never sets TCP_NODELAY: without it keystroke echoes wait for Nagle."""
-    raw = getattr(sock, "_socket", sock)
-    try:
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):
-        pass
 
 
 def _pending(sock: Any) -> bool:

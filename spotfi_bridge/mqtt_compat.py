@@ -7,8 +7,12 @@ callbacks installed by :func:`bind_callbacks`.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:
+    import ssl
 
 import paho.mqtt.client as paho
 
@@ -110,6 +114,30 @@ def set_connect_timeout(client: paho.Client, seconds: float) -> None:
         client.connect_timeout = seconds
     else:
         client._connect_timeout = seconds
+
+
+def set_nodelay(sock: Any) -> None:
+    """paho never sets TCP_NODELAY: without it each keystroke echo waits for Nagle and
+    delayed ACKs (tens of ms). Works under paho's WebSocket wrapper too."""
+    raw = getattr(sock, "_socket", sock)
+    try:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass
+
+
+def tls_context(ca_file: str = "", cert_file: str = "", key_file: str = "",
+                insecure: bool = False) -> ssl.SSLContext:
+    """Certificate and host name verification on, unless ``insecure`` says otherwise."""
+    import ssl
+
+    context = ssl.create_default_context(cafile=ca_file or None)
+    if cert_file:
+        context.load_cert_chain(cert_file, key_file or None)
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def error_string(rc: int) -> str:

@@ -105,18 +105,12 @@ class CtlClient:
                                    on_disconnect=self._on_disconnect,
                                    on_message=self._on_message, on_publish=self._on_publish)
         client.on_subscribe = self._on_subscribe
-        client.on_socket_open = _set_nodelay
+        client.on_socket_open = lambda _client, _userdata, sock: mqtt_compat.set_nodelay(sock)
         return client
 
     def _ssl_context(self) -> ssl.SSLContext:
         s = self.settings
-        context = ssl.create_default_context(cafile=s.cafile or None)
-        if s.cert:
-            context.load_cert_chain(s.cert, s.key or None)
-        if s.insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
+        return mqtt_compat.tls_context(s.cafile or "", s.cert or "", s.key or "", s.insecure)
 
     def connect(self, timeout: float = 10.0) -> None:
         """Connect and wait for the CONNACK; raises :class:`CtlError` (EXIT_BROKER) on failure."""
@@ -258,15 +252,6 @@ class CtlClient:
     def _post(self, event: Event) -> None:
         self.inbox.put(event)
         self._wake()
-
-
-def _set_nodelay(_client: Any, _userdata: Any, sock: Any) -> None:
-    """paho never sets TCP_NODELAY: without it each keystroke waits for Nagle (~40 ms here)."""
-    raw = getattr(sock, "_socket", sock)  # under a WebSocket wrapper
-    try:
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):
-        pass
 
 
 def _code(value: Any) -> int:

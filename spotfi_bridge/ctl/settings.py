@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
-from spotfi_bridge.config import BrokerAddress, parse_broker_url
+from spotfi_bridge.config import BrokerAddress, parse_bool, parse_broker_url
 from spotfi_bridge.protocol import router_id_problem
 
 if sys.version_info >= (3, 11):
@@ -71,13 +71,10 @@ def _text(value: Any) -> str:
 
 
 def _flag(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError("expected true or false")
+    try:
+        return parse_bool(value)
+    except ValueError:
+        raise ValueError("expected true or false") from None
 
 
 #: key → converter; the same names in the file, as SPOTFI_CTL_<KEY> and as --<key> flags
