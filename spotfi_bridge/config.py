@@ -107,6 +107,10 @@ class RpcConfig:
     deny: tuple[str, ...] = ()
     dedup_window: float = 600.0
     log_file: str = ""
+    #: a reply larger than this is replaced by an error: a broker drops the connection of
+    #: a client that publishes past its packet limit (EMQX: 1 MB by default), and the
+    #: QoS 1 resend after the reconnect would do it again, forever
+    max_reply_bytes: int = 1_000_000
 
     def timeout_for(self, path: str, method: str) -> float:
         name = f"{path}.{method}"
@@ -310,6 +314,8 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "deny": _Key('a list of "path.method" glob patterns', _string_list),
         "dedup_window": _Key("a number from 0 to 86400 (seconds)", _number(0, 86400)),
         "log_file": _Key("a path", _string),
+        "max_reply_bytes": _Key("an integer from 4096 to 268435455 (bytes; keep it under the "
+                                "broker's maximum packet size)", _number(4096, 268435455, True)),
     },
     "terminal": {
         "shell": _Key("a command line or a list of strings", _argv),

@@ -37,7 +37,7 @@ ERROR_SHUTDOWN = "cancelled: bridge shutting down"
 
 COUNTER_NAMES = (
     "requests", "ok", "errors", "invalid", "unroutable", "duplicates", "expired", "denied",
-    "busy", "timeouts", "truncated", "publish_refused", "internal",
+    "busy", "timeouts", "truncated", "too_large", "publish_refused", "internal",
 )
 
 # An "id" in a payload that is not JSON: answering it beats leaving the API waiting 30 s.
@@ -427,6 +427,14 @@ class RpcExecutor:
                 result=_scrub(outcome.result), error=_scrub(outcome.error),
                 stderr=_scrub(outcome.stderr), exit_code=outcome.exit_code,
                 truncated=outcome.truncated, timed_out=outcome.timed_out))
+        limit = self._config.max_reply_bytes
+        if len(reply) > limit:
+            self._counts["too_large"] += 1
+            logger.warning("rpc %s: reply of %d bytes is over max_reply_bytes (%d): answered "
+                           "with an error instead", _show_id(req_id), len(reply), limit)
+            reply = rpc_error(req_id, f"reply too large: {len(reply)} bytes, over the "
+                              f"{limit}-byte limit; ask for less (fewer lines, a smaller file)",
+                              result={"size": len(reply), "limit": limit}, truncated=True)
         self._dedup.remember(key, reply)
         self._send(reply)
 

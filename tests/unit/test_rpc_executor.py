@@ -453,3 +453,19 @@ def test_bridge_info_and_sessions() -> None:
     assert collector.reply("s")["result"] == {"sessions": sessions}
     assert collector.reply("x") == {"type": "rpc-result", "id": "x", "status": "error",
                                     "error": "Method not found", "result": {}, "exitCode": 3}
+
+
+def test_a_reply_over_max_reply_bytes_becomes_an_error(tmp_path: Path) -> None:
+    """A broker drops a client that publishes past its packet limit; the QoS 1 resend after
+    the reconnect would do it again. So an oversized reply is an error reply instead."""
+    big = tmp_path / "big.log"
+    big.write_bytes(b"x" * 50_000)
+    config = RpcConfig(max_reply_bytes=8192)
+    collector, counters = exchange([request("big", "file", "read", {"path": str(big)}),
+                                    request("ok")], config=config)
+    reply = collector.reply("big")
+    assert reply["status"] == "error" and reply["error"].startswith("reply too large: ")
+    assert reply["result"]["limit"] == 8192 and reply["result"]["size"] > 50_000
+    assert all(len(payload) <= 8192 for _, payload, _ in collector.messages)
+    assert collector.reply("ok")["status"] == "success"
+    assert counters["too_large"] == 1
