@@ -337,9 +337,12 @@ def test_watch_sees_online_metrics_and_offline(
     status = f"spotfi/router/{ROUTER}/status"
     # a retained status first: when watch prints it, its subscription is in place
     api.publish(status, b"OFFLINE", retain=True)
+    # SIGINT as a Ctrl-C would send it: a test runner started in the background (as CI
+    # may be) hands its children SIGINT ignored, and Python then leaves it ignored
     watch = subprocess.Popen(ctl_argv("--broker", broker.url, "--router", ROUTER, "watch"),
                              env=ctl_env(tmp_path), stdout=subprocess.PIPE, text=True,
-                             stdin=subprocess.DEVNULL)
+                             stdin=subprocess.DEVNULL,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: Optional[Lines] = None
     try:
         assert watch.stdout is not None
