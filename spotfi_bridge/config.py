@@ -19,11 +19,6 @@ from urllib.parse import urlsplit
 
 from spotfi_bridge.protocol import router_id_problem
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python < 3.11 only
-    import tomli as tomllib
-
 DEFAULT_TOML_PATH = "/etc/spotfi/bridge.toml"
 DEFAULT_ENV_FILE = "/etc/spotfi.env"
 EX_CONFIG = 78
@@ -410,6 +405,11 @@ def _collect_env(values: Mapping[str, str], where: Callable[[str], str], raw: _R
 
 
 def _collect_toml(path: str, raw: _Raw) -> None:
+    # imported here: most routers run from /etc/spotfi.env alone and never pay for it
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on Python < 3.11 only
+        import tomli as tomllib
     try:
         with open(path, "rb") as handle:
             document = tomllib.load(handle)
