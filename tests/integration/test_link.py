@@ -255,3 +255,59 @@ def test_tls_wrong_hostname_is_refused(tls_material: dict[str, Path],
         assert not _tls_outcome(broker.url, tls_material["ca"], caplog)
     assert "TLS certificate verification failed" in caplog.text
     assert "hostname" in caplog.text.lower() or "IP address mismatch" in caplog.text
+
+
+def test_mqtt5_keeps_the_session_across_a_cut(broker: Mosquitto) -> None:
+    """MQTT 5: a session expiry instead of clean_session=false; requests sent while the
+    link is down are delivered after it reconnects."""
+    api = ApiClient(broker.port)
+    proxy = TcpProxy(broker.port)
+    config = make_config(proxy.url, SPOTFI_MQTT_PROTOCOL="5")
+    assert config.mqtt.protocol == "5"
+
+    async def scenario() -> None:
+        async with Harness(config) as h:
+            assert await h.link.wait_connected(10)
+            await asyncio.to_thread(api.subscribe, f"spotfi/router/{ROUTER}/status")
+            status = await asyncio.to_thread(api.wait_message, f"spotfi/router/{ROUTER}/status")
+            assert status.payload == b"ONLINE"
+            proxy.refusing = True
+            proxy.cut()
+            await until(lambda: not h.link.connected, 10, "the cut")
+            await asyncio.to_thread(api.publish, f"spotfi/router/{ROUTER}/rpc/request",
+                                    b"while-down")
+            proxy.refusing = False
+            await until(lambda: (f"spotfi/router/{ROUTER}/rpc/request", b"while-down")
+                        in h.received, 15, "the request queued by the broker for our session")
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        proxy.close()
+        api.close()
+
+
+def test_mqtt_over_websocket() -> None:
+    from tests.helpers.ports import free_port
+
+    ws_port = free_port()
+    with Mosquitto(extra_config=f"listener {ws_port} 127.0.0.1\nprotocol websockets\n") as broker:
+        api = ApiClient(broker.port)
+        config = make_config(f"ws://127.0.0.1:{ws_port}/mqtt")
+        assert config.mqtt.broker.transport == "websockets"
+
+        async def scenario() -> None:
+            async with Harness(config) as h:
+                assert await h.link.wait_connected(10)
+                await asyncio.to_thread(api.publish, f"spotfi/router/{ROUTER}/x/in", b"over-ws")
+                await until(lambda: h.received, 10, "a message over the WebSocket")
+                assert h.received == [(f"spotfi/router/{ROUTER}/x/in", b"over-ws")]
+                sent: list[int] = []
+                assert h.link.publish(f"spotfi/router/{ROUTER}/metrics", b"m", on_sent=lambda:
+                                      sent.append(1))
+                await until(lambda: sent, 10, "PUBACK over the WebSocket")
+
+        try:
+            asyncio.run(scenario())
+        finally:
+            api.close()
