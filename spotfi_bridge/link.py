@@ -100,7 +100,9 @@ class MqttLink:
         self._pending_bytes = 0
         self._drop_logged_at = 0.0
         self._invalid_logged_at = 0.0
-        self._short_lived = False  # the last connection died before stable_after
+        # the next attempt goes out at once: a stable connection just ended, or the
+        # settings changed; every other failure backs off first
+        self._reconnect_now = False
         self.stats: dict[str, int] = collections.defaultdict(int)
 
     # ------------------------------------------------------------------ public
@@ -187,6 +189,7 @@ class MqttLink:
             self._requeue_inflight()
             self._drop_client()
             self._attempt = 0
+            self._reconnect_now = True
             self._wake.set()
         return reconnect
 
@@ -204,14 +207,15 @@ class MqttLink:
                 break
             if self._connected or self._handshake:
                 await self._wake.wait()  # set when the connection ends, on reconfigure, on close
-                if not self._short_lived or self._closing or self._connected or self._handshake \
-                        or self._client is None:
-                    continue
-                # a connection the broker dropped at once (a packet it refuses, a session
-                # taken over by another client with our id) would otherwise be retried in
-                # a tight loop: back off as after a failed connect
-                self._short_lived = False
                 self._wake.clear()
+                if self._closing or self._connected or self._handshake:
+                    continue
+            if self._reconnect_now:
+                self._reconnect_now = False
+                continue
+            # a refused or failed attempt, or a connection the broker dropped at once (a
+            # packet it refuses, a session taken over by another client with our id):
+            # never retried in a tight loop
             try:  # back off; a reconfigure or close cuts it short
                 await asyncio.wait_for(self._wake.wait(), self._next_delay())
             except asyncio.TimeoutError:
@@ -431,12 +435,14 @@ class MqttLink:
             if lasted >= self._config.mqtt.stable_after:
                 self._attempt = 0
                 self._down_since = None  # a new outage: fast retries again
-            else:  # a flapping link stays in the outage it was in
-                self._short_lived = True
+                self._reconnect_now = True
+            # else a flapping link stays in the outage it was in, and backs off
             if not self._closing:
                 log.warning("connection lost (%s) after %.0f s; reconnecting",
                             mqtt_compat.error_string(rc) if rc else "closed", lasted)
             self._fail_unreliable()
+        elif was_handshake and not self._closing:
+            self._connect_failed("the broker closed the connection before its CONNACK")
         if was_connected or was_handshake:
             self._wake.set()
 
@@ -586,45 +592,72 @@ class MqttLink:
     def _is_current(self, client: paho.Client) -> bool:
         return client is self._client
 
-    def _paho(self, step: Callable[[], Any], client: Optional[paho.Client] = None) -> None:
+    def _paho(self, step: Callable[[], Any], client: paho.Client, flush: bool = True) -> bool:
         """Run one paho loop step, marking that its callbacks must not re-enter it; then
-        write what it queued (PUBACKs, replies) in the same turn."""
+        write what it queued (PUBACKs, replies) in the same turn. False if the socket died."""
         outer, self._in_paho = self._in_paho, True
+        failure: Optional[BaseException] = None
         try:
             step()
+        except (OSError, ValueError) as exc:
+            # paho lets some socket errors out (a TLS alert after the handshake, such as
+            # "certificate required"): the connection is dead, and is treated so
+            failure = exc
         finally:
             self._in_paho = outer
-        if not outer and client is not None and self._is_current(client):
+        if failure is not None:
+            self._socket_failed(client, failure)
+            return False
+        if flush and not outer and self._is_current(client):
             self._flush(client)
+        return True
 
     def _flush(self, client: paho.Client) -> None:
         """Write queued packets now; watch for writability only if the socket is full."""
         if not client.want_write():
             return
-        outer, self._in_paho = self._in_paho, True
-        try:
-            client.loop_write()
-        finally:
-            self._in_paho = outer
-        if client.want_write() and self._is_current(client):
+        if (self._paho(client.loop_write, client, flush=False) and client.want_write()
+                and self._is_current(client)):
             self._start_writing()
+
+    def _socket_failed(self, client: paho.Client, exc: BaseException) -> None:
+        if not self._is_current(client):
+            return
+        self.stats["socket_errors"] += 1
+        reason = _describe(exc)
+        self._unwatch_socket()
+        sock = client.socket()
+        if sock is not None:
+            try:
+                sock.close()  # paho's next reconnect() starts from a fresh socket
+            except OSError:
+                pass
+        if self._handshake and not self._connected:
+            self._handshake = False
+            self._cancel_timers()
+            self._connect_failed(f"connection failed during the handshake: {reason}")
+        else:
+            log.warning("connection error: %s", reason)
+            self._on_disconnect(paho.MQTT_ERR_CONN_LOST)
 
     def _on_readable(self) -> None:
         client = self._client
         if client is None or self._connecting:
             return
-        self._paho(lambda: client.loop_read(max_packets=256), client)
+        if not self._paho(lambda: client.loop_read(max_packets=256), client):
+            return
         sock = client.socket()
         # TLS may hold decrypted bytes that the socket no longer signals
         while sock is not None and _pending(sock) and self._is_current(client):
-            self._paho(lambda: client.loop_read(max_packets=256), client)
+            if not self._paho(lambda: client.loop_read(max_packets=256), client):
+                return
             sock = client.socket()
 
     def _on_writable(self) -> None:
         client = self._client
         if client is None:
             return
-        self._paho(client.loop_write)
+        self._paho(client.loop_write, client)
         if not client.want_write() and self._is_current(client):
             self._stop_writing()
 

@@ -24,13 +24,13 @@ def make_ca(directory: Path, name: str = "ca") -> tuple[Path, Path]:
 
 
 def make_server_cert(directory: Path, ca: tuple[Path, Path], san: str,
-                     name: str = "server") -> tuple[Path, Path]:
-    """``san`` like ``IP:127.0.0.1,DNS:localhost``."""
+                     name: str = "server", usage: str = "serverAuth") -> tuple[Path, Path]:
+    """``san`` like ``IP:127.0.0.1,DNS:localhost``; ``usage="clientAuth"`` for a client."""
     key, csr, cert = directory / f"{name}.key", directory / f"{name}.csr", directory / f"{name}.crt"
     ext = directory / f"{name}.ext"
     ext.write_text(f"subjectAltName={san}\nbasicConstraints=CA:FALSE\n"
                    "keyUsage=critical,digitalSignature,keyEncipherment\n"
-                   "extendedKeyUsage=serverAuth\nsubjectKeyIdentifier=hash\n"
+                   f"extendedKeyUsage={usage}\nsubjectKeyIdentifier=hash\n"
                    "authorityKeyIdentifier=keyid\n")
     _run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=spotfi test server",
          "-keyout", str(key), "-out", str(csr), cwd=directory)

@@ -190,17 +190,23 @@ def test_password_auth_and_bad_token_logged_once(caplog: pytest.LogCaptureFixtur
 
         asyncio.run(good())
 
+        outcome: dict[str, int] = {}
+
         async def bad() -> None:
             config = make_config(broker.url, SPOTFI_TOKEN="wrong-token-value")
             async with Harness(config) as h:
                 await until(lambda: h.link.counters().get("auth_refused", 0) >= 3, 15,
                             "three refused attempts")
                 assert not h.link.connected
+                outcome["attempts"] = h.link.counters()["connect_attempts"]
 
         with caplog.at_level(logging.DEBUG, "spotfi_bridge"):
             asyncio.run(bad())
     refusals = [r for r in caplog.records if "bad token" in r.getMessage()]
     assert len(refusals) == 1, "an authentication refusal is logged once per streak"
+    # every refused attempt is followed by a back-off, never by an immediate retry
+    backoffs = sum("reconnecting in" in r.getMessage() for r in caplog.records)
+    assert backoffs >= outcome["attempts"] - 1 >= 2, (backoffs, outcome)
     assert f"broker refused router id {ROUTER}: bad token" in refusals[0].getMessage()
     assert "wrong-token-value" not in caplog.text and TOKEN not in caplog.text
 
@@ -212,8 +218,10 @@ def tls_material(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     other_ca = make_ca(directory, "other-ca")
     good = make_server_cert(directory, ca, "IP:127.0.0.1,DNS:localhost", "good")
     wrong_name = make_server_cert(directory, ca, "DNS:not-this-host.example", "wrongname")
+    client = make_server_cert(directory, ca, f"DNS:{ROUTER}", "client", usage="clientAuth")
     return {"ca": ca[0], "other_ca": other_ca[0], "cert": good[0], "key": good[1],
-            "wrong_cert": wrong_name[0], "wrong_key": wrong_name[1]}
+            "wrong_cert": wrong_name[0], "wrong_key": wrong_name[1],
+            "client_cert": client[0], "client_key": client[1]}
 
 
 def _tls_broker(material: dict[str, Path], wrong_name: bool = False) -> Mosquitto:
@@ -311,3 +319,26 @@ def test_mqtt_over_websocket() -> None:
             asyncio.run(scenario())
         finally:
             api.close()
+
+
+def test_tls_client_certificate(tls_material: dict[str, Path],
+                                caplog: pytest.LogCaptureFixture) -> None:
+    """A broker that requires client certificates admits the bridge with [tls] cert_file and
+    key_file, and refuses it without."""
+    broker = Mosquitto(tls={"cafile": str(tls_material["ca"]), "certfile": str(tls_material["cert"]),
+                            "keyfile": str(tls_material["key"])},
+                       extra_config="require_certificate true\n")
+    with broker:
+        async def attempt(**env: str) -> bool:
+            config = make_config(broker.url, SPOTFI_TLS_CA_FILE=str(tls_material["ca"]), **env)
+            async with Harness(config) as h:
+                if await h.link.wait_connected(3):
+                    return True
+                await until(lambda: h.link.counters().get("connect_failures", 0) >= 1, 10,
+                            "a refused attempt")
+                return False
+
+        assert asyncio.run(attempt(SPOTFI_TLS_CERT_FILE=str(tls_material["client_cert"]),
+                                   SPOTFI_TLS_KEY_FILE=str(tls_material["client_key"])))
+        with caplog.at_level(logging.WARNING, "spotfi_bridge.link"):
+            assert not asyncio.run(attempt())
