@@ -319,7 +319,7 @@ class MqttLink:
             if client is not self._client:
                 return
             self._connect_failed(f"cannot connect to {broker.host}:{broker.port}: "
-                                 f"{_describe(exc)}")
+                                 f"{mqtt_compat.describe_error(exc)}")
             return
         self._connecting = False
         if client is not self._client or self._closing:
@@ -624,7 +624,7 @@ class MqttLink:
         if not self._is_current(client):
             return
         self.stats["socket_errors"] += 1
-        reason = _describe(exc)
+        reason = mqtt_compat.describe_error(exc)
         self._unwatch_socket()
         sock = client.socket()
         if sock is not None:
@@ -732,19 +732,3 @@ def _pending(sock: Any) -> bool:
         return bool(pending()) if pending is not None else False
     except (OSError, ValueError):
         return False
-
-
-def _describe(exc: BaseException) -> str:
-    import ssl
-
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS certificate verification failed: {exc.verify_message or exc}"
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS error: {exc.reason or exc}"
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve host: {exc.strerror}"
-    if isinstance(exc, (socket.timeout, TimeoutError)):
-        return "timed out"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return f"{type(exc).__name__}: {exc}"

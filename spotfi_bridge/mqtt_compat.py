@@ -140,6 +140,25 @@ def tls_context(ca_file: str = "", cert_file: str = "", key_file: str = "",
     return context
 
 
+def describe_error(exc: BaseException) -> str:
+    """One line for a failed connection attempt, as a router owner reads it in logread."""
+    import ssl
+
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate verification failed: {exc.verify_message or exc}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error: {exc.reason or exc}"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name ({exc.strerror})"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is the broker running on that port?)"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
 def error_string(rc: int) -> str:
     return str(paho.error_string(rc))
 

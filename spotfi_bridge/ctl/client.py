@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import queue
 import secrets
-import socket
 import ssl
 import threading
 from dataclasses import dataclass
@@ -120,7 +119,8 @@ class CtlClient:
         try:
             self._client.connect(broker.host, broker.port, keepalive=KEEPALIVE)
         except Exception as exc:  # every failure of the first connect is reported, never a trace
-            raise CtlError(f"cannot connect to {where}: {_describe(exc)}", EXIT_BROKER) from None
+            raise CtlError(f"cannot connect to {where}: {mqtt_compat.describe_error(exc)}",
+                           EXIT_BROKER) from None
         self._client.loop_start()
         with self._cond:
             self._cond.wait_for(lambda: self._connect_result is not None, timeout)
@@ -259,19 +259,3 @@ def _code(value: Any) -> int:
     if isinstance(value, int):
         return value
     return int(getattr(value, "value", 0) or 0)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS certificate verification failed: {exc.verify_message or exc}"
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS error: {exc.reason or exc}"
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve the host name ({exc.strerror})"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused (is the broker running on that port?)"
-    if isinstance(exc, (socket.timeout, TimeoutError)):
-        return "timed out"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
