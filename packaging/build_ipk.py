@@ -49,8 +49,12 @@ DEFAULT_MTIME = 1704067200
 #: missing (or has no main) is left out.
 LAUNCHERS = {
     "spotfi-bridge": "spotfi_bridge.cli",
-    "spotfi-bridge-ctl": "spotfi_bridge.ctl",
 }
+
+#: Parts of the package a router does not run: the dry run, and spotfi-bridge-ctl (the API
+#: side, used from an operator's machine; ~65 KB that would take the router's flash past
+#: 300 KB). ``pip install`` of the project still provides both.
+NOT_ON_ROUTERS = ("__pycache__", "tests", "test", "devtools", "ctl")
 
 #: Python of the supported releases: 3.11 (23.05, 24.10), 3.13 (25.12, master). An import
 #: in a branch no router takes (``tomli`` before ``tomllib``) does not count for Depends.
@@ -142,14 +146,11 @@ def read_version(source: Path = ROOT) -> str:
 
 
 def python_files(package_dir: Path) -> list[Path]:
-    """The ``.py`` files of a package, without caches, tests and developer tools.
-
-    Routers need none of them (``devtools`` runs the dry run on a developer's machine).
-    """
+    """The ``.py`` files of a package that a router runs (see :data:`NOT_ON_ROUTERS`)."""
     files = []
     for path in package_dir.rglob("*.py"):
         parts = path.relative_to(package_dir).parts
-        if any(part in ("__pycache__", "tests", "test", "devtools") for part in parts):
+        if any(part in NOT_ON_ROUTERS for part in parts):
             continue
         files.append(path)
     return sorted(files)
