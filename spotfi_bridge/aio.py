@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import warnings
+
+
+def child_environment() -> dict[str, str]:
+    """The daemon's environment for a child it runs, without the daemon's own settings:
+    ``SPOTFI_TOKEN`` may be among them."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("SPOTFI_")}
 
 
 def install_child_watcher() -> None:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 import psutil
 
 from spotfi_bridge import __version__
+from spotfi_bridge.aio import child_environment
 from spotfi_bridge.protocol import metrics_message
 
 log = logging.getLogger("spotfi_bridge.metrics")
@@ -31,7 +32,7 @@ async def ubus_call(path: str, method: str, timeout: float = UBUS_TIMEOUT) -> An
     proc = await asyncio.create_subprocess_exec(
         "ubus", "-S", "-t", str(int(timeout)), "call", path, method,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, start_new_session=True)
+        stderr=asyncio.subprocess.PIPE, start_new_session=True, env=child_environment())
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout + 1)
     except asyncio.TimeoutError:

@@ -16,6 +16,8 @@ import subprocess
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
+from spotfi_bridge.aio import child_environment
+
 #: After the child itself exited, how long to keep reading pipes that a background
 #: grandchild may still hold open before replying without waiting for it.
 EXIT_GRACE = 1.0
@@ -75,11 +77,6 @@ class _ChildProtocol(asyncio.SubprocessProtocol):
     def process_exited(self) -> None:
         if not self.exited.done():
             self.exited.set_result(None)
-
-
-def child_environment() -> dict[str, str]:
-    """The daemon's environment without its own settings: ``SPOTFI_TOKEN`` may be there."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("SPOTFI_")}
 
 
 def kill_group(pid: int) -> None:

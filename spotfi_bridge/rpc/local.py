@@ -16,6 +16,7 @@ import shutil
 import stat
 from typing import Any, Awaitable, Callable, Optional
 
+from spotfi_bridge.aio import child_environment
 from spotfi_bridge.config import RpcConfig
 from spotfi_bridge.rpc import sysinfo
 from spotfi_bridge.rpc.backend import (
@@ -30,7 +31,7 @@ from spotfi_bridge.rpc.backend import (
     timeout_failure,
     ubus_failure,
 )
-from spotfi_bridge.rpc.child import child_environment, run_child
+from spotfi_bridge.rpc.child import run_child
 from spotfi_bridge.rpc.ubus import decode_text
 
 Handler = Callable[[Call], Awaitable[Any]]

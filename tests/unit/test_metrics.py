@@ -44,6 +44,7 @@ USPOT_CLIENTS = {
 _UBUS = r"""#!/bin/sh
 # fake ubus written by tests/unit/test_metrics.py: answers from @DIR@/<path>.<method>.json
 printf '%s\n' "$*" >> "@DIR@/calls.log"
+env > "@DIR@/env.log"
 while [ $# -gt 0 ]; do
   case "$1" in
     -S) shift ;;
@@ -391,3 +392,12 @@ def test_stop_is_safe_before_start() -> None:
 
     run(scenario)
     assert publisher is not None and publisher.sent == 0
+
+
+def test_ubus_children_do_not_see_the_token(ubus: FakeUbus,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPOTFI_TOKEN", "tok-from-the-environment")
+    run(MetricsCollector(use_ubus=True).collect)
+    seen = (ubus.dir / "env.log").read_text()
+    assert "PATH=" in seen  # the rest of the environment is there
+    assert "SPOTFI_" not in seen and "tok-from-the-environment" not in seen
