@@ -21,6 +21,7 @@ import random
 import socket
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -34,6 +35,9 @@ from spotfi_bridge.publish import OnSent
 log = logging.getLogger("spotfi_bridge.link")
 
 MessageHandler = Callable[[str, bytes], None]
+
+#: Recent inbound QoS 1 deliveries remembered to recognise the broker's resends.
+RECENT_INBOUND = 1024
 
 #: For this long after the link went down, retry at ``backoff_min``; exponential after.
 QUICK_RETRY_WINDOW = 10.0
@@ -96,6 +100,8 @@ class MqttLink:
         self._backlog: collections.deque[_Outgoing] = collections.deque()
         self._inflight: dict[int, _Outgoing] = {}
         self._early_acks: set[int] = set()
+        self._recent_inbound: collections.OrderedDict[tuple[int, int, int], None] = \
+            collections.OrderedDict()
         self._pending_msgs = 0
         self._pending_bytes = 0
         self._drop_logged_at = 0.0
@@ -269,7 +275,8 @@ class MqttLink:
             client.ws_set_options(path=cfg.mqtt.broker.ws_path)
         mqtt_compat.bind_callbacks(client, on_connect=self._on_connect,
                                    on_disconnect=self._on_disconnect,
-                                   on_message=self._on_message, on_publish=self._on_publish)
+                                   on_message=None, on_publish=self._on_publish)
+        client.on_message = self._on_paho_message  # it needs the DUP flag and the packet id
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_socket_register_write
@@ -513,8 +520,36 @@ class MqttLink:
 
     # ------------------------------------------------------------------ receiving
 
-    def _on_message(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+    def _on_paho_message(self, _client: Any, _userdata: Any, message: Any) -> None:
+        self._on_message(message.topic, message.payload, message.qos, bool(message.retain),
+                         bool(message.dup), int(message.mid))
+
+    def _redelivered(self, payload: bytes, dup: bool, mid: int) -> bool:
+        """Whether a QoS 1 message is the broker's resend of one already handled.
+
+        QoS 1 is at least once: when our PUBACK is lost with the connection, the broker
+        sends the message again after the reconnect, with the DUP flag and its original
+        packet id. Handled twice, a keystroke would be typed twice. A resend is recognised
+        by DUP plus (packet id, payload) among the recent deliveries; a first delivery
+        (DUP clear) is always handled, so identical keystrokes typed twice are not lost.
+        """
+        key = (mid, zlib.crc32(payload), len(payload))
+        if dup and key in self._recent_inbound:
+            return True
+        self._recent_inbound[key] = None
+        self._recent_inbound.move_to_end(key)
+        while len(self._recent_inbound) > RECENT_INBOUND:
+            self._recent_inbound.popitem(last=False)
+        return False
+
+    def _on_message(self, topic: str, payload: bytes, qos: int, retain: bool,
+                    dup: bool = False, mid: int = 0) -> None:
         self.stats["received"] += 1
+        if qos > 0 and self._redelivered(payload, dup, mid):
+            self.stats["inbound_redelivered"] += 1
+            log.info("ignored the broker's resend of a message already handled on %s "
+                     "(packet id %d)", topic, mid)
+            return
         limit = self._config.mqtt.max_inbound_bytes
         if len(payload) > limit:
             self.stats["inbound_oversized"] += 1

@@ -76,10 +76,14 @@ def bind_callbacks(
     *,
     on_connect: Callable[[ConnectResult], None],
     on_disconnect: Callable[[int], None],
-    on_message: Callable[[str, bytes, int, bool], None],
+    on_message: Optional[Callable[[str, bytes, int, bool], None]],
     on_publish: Callable[[int], None],
 ) -> None:
-    """Install version-neutral callbacks: ``on_message(topic, payload, qos, retain)``."""
+    """Install version-neutral callbacks: ``on_message(topic, payload, qos, retain)``.
+
+    ``on_message=None`` leaves ``client.on_message`` to the caller: its signature,
+    ``(client, userdata, message)``, is the same in every paho version.
+    """
 
     def connect_cb(_client: Any, _userdata: Any, flags: Any, rc: Any, *_rest: Any) -> None:
         code = _code(rc)
@@ -97,6 +101,7 @@ def bind_callbacks(
             on_disconnect(_code(args[0]) if args else 0)
 
     def message_cb(_client: Any, _userdata: Any, message: Any) -> None:
+        assert on_message is not None
         on_message(message.topic, message.payload, message.qos, bool(message.retain))
 
     def publish_cb(_client: Any, _userdata: Any, mid: int, *_rest: Any) -> None:
@@ -104,7 +109,8 @@ def bind_callbacks(
 
     client.on_connect = connect_cb
     client.on_disconnect = disconnect_cb
-    client.on_message = message_cb
+    if on_message is not None:
+        client.on_message = message_cb
     client.on_publish = publish_cb
 
 

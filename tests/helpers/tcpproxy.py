@@ -42,6 +42,7 @@ class TcpProxy:
         self.target_port = target_port
         self.port = port or free_port()
         self.blackholed = False
+        self.blackholed_up = False  # only client → target vanishes (the client's acks, pings)
         self.refusing = False
         self.latency = 0.0       # seconds added to every chunk, each direction
         self.jitter = 0.0        # +/- seconds (order is kept: a chunk never overtakes another)
@@ -104,8 +105,8 @@ class TcpProxy:
                 data = src.recv(size)
                 if not data:
                     break
-                if self.blackholed:  # silently dropped, like packets into a black hole
-                    self.bytes_dropped += len(data)
+                if self.blackholed or (index == 0 and self.blackholed_up):
+                    self.bytes_dropped += len(data)  # silently, like packets into a black hole
                     continue
                 now = time.monotonic()
                 if rate:
@@ -138,7 +139,7 @@ class TcpProxy:
                     time.sleep(wait)
                 if pair.closed:
                     break
-                if self.blackholed:
+                if self.blackholed or (index == 0 and self.blackholed_up):
                     self.bytes_dropped += len(data)
                     continue
                 dst.sendall(data)
@@ -184,7 +185,7 @@ class TcpProxy:
 
     def clear_faults(self) -> None:
         """Back to a clean wire: no black hole, no refusal, no delay, no throttle."""
-        self.blackholed = False
+        self.blackholed = self.blackholed_up = False
         self.refusing = False
         self.latency = self.jitter = 0.0
         self.rate_bps = None

@@ -158,3 +158,28 @@ def test_check_config_masks_token(tmp_path: Path) -> None:
     assert effective["router"]["id"] == "r9"
     assert effective["mqtt"]["broker"] == "mqtts://example.net"
     assert "tok-zyxwvu" not in proc.stdout + proc.stderr
+
+
+def test_a_keystroke_the_broker_delivers_twice_is_typed_once(
+        broker: Mosquitto, api: ApiClient, make_bridge: Callable[..., BridgeProcess],
+        tmp_path: Path) -> None:
+    """QoS 1 is at least once: the bridge's PUBACK is lost, so after the reconnect the broker
+    sends the x-data again (DUP set, same packet id). The shell must run it once."""
+    runs = tmp_path / "runs.log"
+    with TcpProxy(broker.port) as proxy:
+        bridge = make_bridge(toml=FAST, broker_url=proxy.url)
+        wait_online(api)
+        session = api.x_start(ROUTER)
+        api.wait_x(session, "x-started")
+        proxy.blackholed_up = True  # the bridge hears the broker; nothing it says arrives
+        mark = api.mark()
+        api.x_send(ROUTER, session, f"echo run >> {runs}\n".encode())
+        wait_for(lambda: runs.exists() and runs.read_text() == "run\n", 10,
+                 "the shell to run the command once")
+        proxy.blackholed_up = False
+        proxy.cut()  # the PUBACK is gone: the broker still owes us that message
+        wait_online(api, timeout=20, start=mark)
+        api.x_send(ROUTER, session, f"echo done >> {runs}\n".encode())
+        wait_for(lambda: runs.read_text().endswith("done\n"), 10, "the next command")
+        assert runs.read_text() == "run\ndone\n"
+        bridge.wait_log("ignored the broker's resend of a message already handled")
