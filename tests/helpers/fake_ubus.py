@@ -129,15 +129,3 @@ def path_with(directory: Path) -> str:
     return f"{directory}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
-async def until(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition"
-                ) -> Any:
-    """Bounded wait on ``condition`` from inside the loop (the async twin of ``wait_for``)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -23,3 +24,17 @@ def wait_for(condition: Callable[[], Optional[T]], timeout: float = 10.0,
         if time.monotonic() > deadline:
             raise WaitTimeout(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+async def until(condition: Callable[[], Any], what: str = "condition", timeout: float = 10.0,
+                interval: float = 0.005) -> Any:
+    """The async twin of :func:`wait_for`, for tests that run on the event loop."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise WaitTimeout(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(interval)

@@ -20,10 +20,9 @@ from tests.helpers.fake_ubus import (
     Collector,
     process_gone,
     run,
-    until,
     write_fake_ubus,
 )
-from tests.helpers.wait import wait_for
+from tests.helpers.wait import until, wait_for
 
 DEFAULTS = RpcConfig()
 TOPIC = "spotfi/router/r1/rpc/response"
@@ -412,8 +411,8 @@ def test_close_answers_and_kills_running_and_queued(fake_ubus: Path, tmp_path: P
         executor = RpcExecutor(config, collector, TOPIC, UbusBackend(config, str(fake_ubus)))
         executor.handle(request("run", "fork", "grandchild"))
         executor.handle(request("wait", "system", "info"))
-        await until(lambda: pidfile.exists() and pidfile.read_text().strip(), 10,
-                    "the grandchild to start")
+        await until(lambda: pidfile.exists() and pidfile.read_text().strip(),
+                    "the grandchild to start", 10)
         await executor.close()
         executor.handle(request("late"))
         return executor.counters()

@@ -25,6 +25,7 @@ from spotfi_bridge.config import TerminalConfig
 from spotfi_bridge.protocol import Topics
 from spotfi_bridge.publish import OnSent
 from spotfi_bridge.terminal import SessionManager
+from tests.helpers.wait import until
 
 ROUTER = "r1"
 TOPICS = Topics(ROUTER)
@@ -129,17 +130,6 @@ def run(test: Callable[[], Awaitable[None]], timeout: float = 60.0) -> None:
     asyncio.run(main())
 
 
-async def until(condition: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    """Bounded wait for a condition outside the publisher (processes, fds)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 def proc_state(pid: int) -> Optional[tuple[str, int]]:
