@@ -30,7 +30,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -60,6 +59,7 @@ from bench.profile import Recording, find_py_spy, render, summarize  # noqa: E40
 from bench.stats import Figure, compare, median, percentile, table  # noqa: E402
 from spotfi_bridge import mqtt_compat, protocol  # noqa: E402
 from spotfi_bridge.config import TerminalConfig  # noqa: E402
+from spotfi_bridge.devtools.loopback import port_open  # noqa: E402
 from spotfi_bridge.protocol import Topics  # noqa: E402
 from tests.helpers.bridge import BridgeProcess  # noqa: E402
 from tests.helpers.broker import Mosquitto  # noqa: E402
@@ -182,14 +182,6 @@ def seq_bytes(n: int) -> bytes:
     """What ``seq 1 N`` looks like through a PTY in cooked mode (ONLCR: CR LF)."""
     out = subprocess.run(["seq", "1", str(n)], capture_output=True, check=True).stdout
     return out.replace(b"\n", b"\r\n")
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 def log(text: str) -> None:
@@ -863,7 +855,7 @@ class Bench:
             broker.proc = subprocess.Popen([mosquitto_binary(), "-c", str(broker.dir / "mosquitto.conf")],
                                            stdout=log_file, stderr=log_file, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
-        while not _port_open(broker.port):
+        while not port_open(broker.port):
             if broker.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("mosquitto did not come back")
             time.sleep(0.001)

@@ -19,7 +19,6 @@ import os
 import selectors
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from typing import IO, Optional, Sequence
 
 from spotfi_bridge.config import parse_broker_url
 from spotfi_bridge.ctl.settings import write_config
+from spotfi_bridge.devtools.loopback import free_port, mosquitto_binary, port_open
 
 ROOT = Path(__file__).resolve().parents[2]
 ROUTER_ID = "dev-router"
@@ -44,27 +44,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):
         pass  # not Linux: the normal clean-up path still stops the children
-
-
-def mosquitto_binary() -> Optional[str]:
-    for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 def bridge_toml(router_id: str, broker: str, metrics_interval: float, log_level: str) -> str:
@@ -213,7 +192,7 @@ class DryRun:
             raise RuntimeError(f"mosquitto exited with status {child.proc.returncode}")
         if self.stop_signal is not None:
             raise RuntimeError("stopped while starting mosquitto")
-        if not child.ready and not _port_open(port):
+        if not child.ready and not port_open(port):
             raise RuntimeError(f"mosquitto did not listen on 127.0.0.1:{port} within "
                                f"{BROKER_START_TIMEOUT:g} s")
         self.broker_pid = child.proc.pid

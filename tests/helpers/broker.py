@@ -4,29 +4,22 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Optional
 
+from spotfi_bridge.devtools.loopback import mosquitto_binary as find_mosquitto
+from spotfi_bridge.devtools.loopback import port_open
 from tests.helpers.ports import free_port
 from tests.helpers.wait import wait_for
 
 
 def mosquitto_binary() -> str:
-    for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    raise RuntimeError("mosquitto not found: run `make test`, which installs it")
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
+    found = find_mosquitto()
+    if found is None:
+        raise RuntimeError("mosquitto not found: run `make test`, which installs it")
+    return found
 
 
 class Mosquitto:
@@ -86,7 +79,7 @@ class Mosquitto:
         self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.dir / "mosquitto.conf")],
                                      stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         log.close()
-        wait_for(lambda: _port_open(self.port) or self.proc.poll() is not None, 10,
+        wait_for(lambda: port_open(self.port) or self.proc.poll() is not None, 10,
                  "mosquitto to listen")
         if self.proc.poll() is not None:
             raise RuntimeError(f"mosquitto exited: {self.log_path.read_text()[-2000:]}")
@@ -115,7 +108,7 @@ class Mosquitto:
 
     def restart(self, kill: bool = False) -> None:
         self.stop(kill=kill)
-        wait_for(lambda: not _port_open(self.port), 10, "old broker to release the port")
+        wait_for(lambda: not port_open(self.port), 10, "old broker to release the port")
         self.start()
 
     def close(self) -> None:

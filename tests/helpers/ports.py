@@ -1,10 +1,7 @@
+"""Free loopback ports for the tests (which never touch another address)."""
+
 from __future__ import annotations
 
-import socket
+from spotfi_bridge.devtools.loopback import free_port
 
-
-def free_port() -> int:
-    """A free TCP port on loopback (the tests never touch another address)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+__all__ = ["free_port"]
