@@ -404,7 +404,8 @@ def _collect_env(values: Mapping[str, str], where: Callable[[str], str], raw: _R
         raw[target] = (value, where(name))
 
 
-def _collect_toml(path: str, raw: _Raw) -> None:
+def read_toml(path: str, what: str = "config file") -> dict[str, Any]:
+    """The TOML document at ``path``; a ConfigError naming the file when it cannot be had."""
     # imported here: most routers run from /etc/spotfi.env alone and never pay for it
     if sys.version_info >= (3, 11):
         import tomllib
@@ -412,11 +413,15 @@ def _collect_toml(path: str, raw: _Raw) -> None:
         import tomli as tomllib
     try:
         with open(path, "rb") as handle:
-            document = tomllib.load(handle)
+            return tomllib.load(handle)
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _collect_toml(path: str, raw: _Raw) -> None:
+    document = read_toml(path)
     for section, table in document.items():
         if section not in SCHEMA:
             raise ConfigError(f"{path}: unknown section [{section}]; expected one of "

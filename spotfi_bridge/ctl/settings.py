@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import os
 import stat
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
-from spotfi_bridge.config import BrokerAddress, parse_bool, parse_broker_url
+from spotfi_bridge.config import (
+    BrokerAddress,
+    ConfigError,
+    parse_bool,
+    parse_broker_url,
+    read_toml,
+)
 from spotfi_bridge.protocol import router_id_problem
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python < 3.11 only
-    import tomli as tomllib
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 ENV_PREFIX = "SPOTFI_CTL_"
@@ -98,12 +98,9 @@ def default_config_path(environ: Mapping[str, str]) -> str:
 
 def _read_file(path: str) -> dict[str, Any]:
     try:
-        with open(path, "rb") as handle:
-            document = tomllib.load(handle)
-    except OSError as exc:
-        raise SettingsError(f"{path}: cannot read ctl config: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise SettingsError(f"{path}: not valid TOML: {exc}") from None
+        document = read_toml(path, "ctl config")
+    except ConfigError as exc:
+        raise SettingsError(str(exc)) from None
     unknown = [name for name in document if name not in KEYS]
     if unknown:
         raise SettingsError(f"{path}: unknown key {unknown[0]!r}; expected one of {', '.join(KEYS)}")
