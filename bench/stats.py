@@ -144,7 +144,12 @@ def table(figures: Sequence[Figure]) -> str:
             fig.target,
             _verdict(fig.passed) + _notes(fig),
         ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return _markdown(rows)
+
+
+def _markdown(rows: Sequence[Sequence[str]]) -> str:
+    """Rows (the first one the header) as an aligned Markdown table."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for index, row in enumerate(rows):
         lines.append("| " + " | ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)) + " |")
@@ -173,10 +178,4 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> str:
             "-" if fig.get("ratio") is None else f"{fig['ratio']:.2f}x",
             f"{_verdict(prev.get('passed'))} -> {_verdict(fig.get('passed'))}",
         ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = []
-    for index, row in enumerate(rows):
-        lines.append("| " + " | ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)) + " |")
-        if index == 0:
-            lines.append("| " + " | ".join("-" * w for w in widths) + " |")
-    return "\n".join(lines)
+    return _markdown(rows)
