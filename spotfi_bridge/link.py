@@ -235,7 +235,7 @@ class MqttLink:
             done = asyncio.Event()
             self.publish(self._topics.status, STATUS_OFFLINE, 1, True, done.set)
             try:
-                await asyncio.wait_for(self._drained(done), flush_timeout)
+                await asyncio.wait_for(done.wait(), flush_timeout)
             except asyncio.TimeoutError:
                 log.warning("shutdown: %d messages still unsent after %.1f s",
                             self._pending_msgs, flush_timeout)
@@ -514,9 +514,6 @@ class MqttLink:
                 entry.on_sent()
             except Exception:
                 log.exception("on_sent callback failed")
-
-    async def _drained(self, last: asyncio.Event) -> None:
-        await last.wait()
 
     # ------------------------------------------------------------------ receiving
 
