@@ -1,4 +1,4 @@
-"""The SpotFi wire contract (``shared/PROTOCOL.md``), pure: no I/O, no clock, no state.
+"""The SpotFi wire contract (``docs/PROTOCOL.md``), pure: no I/O, no clock, no state.
 
 Inbound payloads are parsed into small typed messages or a :class:`ParseError`
 that still carries whatever id could be read, so callers can answer the sender.

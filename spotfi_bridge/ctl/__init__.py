@@ -1,6 +1,6 @@
 """``spotfi-bridge-ctl``: the SpotFi API side in a terminal, for developers and operators.
 
-It speaks exactly what the API speaks (``shared/PROTOCOL.md``, built by
+It speaks exactly what the API speaks (``docs/PROTOCOL.md``, built by
 :mod:`spotfi_bridge.protocol`) as its own API instance, so it can poke a real
 router's bridge or the dry run's. Exit statuses: 0 success; 1 the router
 answered with an error or the session ended with one (``ctl shell`` exits with

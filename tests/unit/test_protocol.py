@@ -1,4 +1,4 @@
-"""The wire layer: topics, RPC and x-tunnel parsing/building, against PROTOCOL.md."""
+"""The wire layer: topics, RPC and x-tunnel parsing/building, against docs/PROTOCOL.md."""
 
 from __future__ import annotations
 
