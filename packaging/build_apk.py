@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import build_ipk  # noqa: E402  (the shared payload; a sibling script, not a package)
-from build_ipk import (  # noqa: E402
+import build_ipk  # the shared payload: a sibling script, not a package
+from build_ipk import (
     CONFFILE,
     PACKAGE,
     ROOT,
@@ -106,7 +106,7 @@ class AdbWriter:
     def string(self, value: str) -> int:
         return self.blob(value.encode("utf-8"))
 
-    def int(self, value: int) -> int:
+    def integer(self, value: int) -> int:
         if value < 0x10000000:
             return TYPE_INT | value
         return TYPE_INT_32 | self._append(struct.pack("<I", value), 4)
@@ -127,6 +127,11 @@ class AdbWriter:
 
     def array(self, items: Iterable[int]) -> int:
         return self._slots(TYPE_ARRAY, [item for item in items if item != NULL])
+
+    def placeholder(self, length: int) -> tuple[int, int]:
+        """A blob of ``length`` zero bytes to fill in later: its value and data offset."""
+        offset = self._append(bytes([length]) + bytes(length), 1)
+        return TYPE_BLOB_8 | offset, offset + 1
 
     def set_root(self, value: int) -> None:
         struct.pack_into("<I", self.data, 4, value)
@@ -215,7 +220,7 @@ def adb_block(contents: Contents, files: Sequence[Entry], script_texts: dict[str
               mtime: int) -> tuple[bytes, list[tuple[int, int, bytes]]]:
     """The ADB block's payload and the DATA blocks' (path index, file index, bytes)."""
     adb = AdbWriter()
-    root_acl = {ACL_MODE: adb.int(0o755), ACL_USER: adb.string("root"),
+    root_acl = {ACL_MODE: adb.integer(0o755), ACL_USER: adb.string("root"),
                 ACL_GROUP: adb.string("root")}
     directories = tree(files)
     data: list[tuple[int, int, bytes]] = []
@@ -227,12 +232,12 @@ def adb_block(contents: Contents, files: Sequence[Entry], script_texts: dict[str
                 sorted(directories[name], key=lambda e: e.path.encode()), start=1):
             assert entry.data is not None
             installed_size += len(entry.data)
-            acl = adb.object({**root_acl, ACL_MODE: adb.int(entry.mode)})
+            acl = adb.object({**root_acl, ACL_MODE: adb.integer(entry.mode)})
             entries.append(adb.object({
                 FILE_NAME: adb.string(entry.path.rpartition("/")[2]),
                 FILE_ACL: acl,
-                FILE_SIZE: adb.int(len(entry.data)),
-                FILE_MTIME: adb.int(mtime),
+                FILE_SIZE: adb.integer(len(entry.data)),
+                FILE_MTIME: adb.integer(mtime),
                 FILE_HASH: adb.blob(hashlib.sha256(entry.data).digest()),
             }))
             if entry.data:
@@ -241,7 +246,7 @@ def adb_block(contents: Contents, files: Sequence[Entry], script_texts: dict[str
                                  DIR_FILES: adb.array(entries)}))
 
     # a raw blob the size of the unique id, filled in once the whole block is written
-    unique_id = TYPE_BLOB_8 | adb._append(bytes([UNIQUE_ID_LENGTH]) + bytes(UNIQUE_ID_LENGTH), 1)
+    unique_id, uid_at = adb.placeholder(UNIQUE_ID_LENGTH)
     depends = [adb.object({DEP_NAME: adb.string(name)}) for name in sorted(contents.depends)]
     info = adb.object({
         PI_NAME: adb.string(PACKAGE),
@@ -252,14 +257,13 @@ def adb_block(contents: Contents, files: Sequence[Entry], script_texts: dict[str
         PI_LICENSE: adb.string(LICENSE),
         PI_ORIGIN: adb.string(ORIGIN),
         PI_MAINTAINER: adb.string(MAINTAINER),
-        PI_INSTALLED_SIZE: adb.int(installed_size),
+        PI_INSTALLED_SIZE: adb.integer(installed_size),
         PI_DEPENDS: adb.array(depends),
     })
     script_values = {SCRIPT_SLOTS[kind]: adb.string(text)
                      for kind, text in script_texts.items()}
     adb.set_root(adb.object({PKG_INFO: info, PKG_PATHS: adb.array(paths),
                              PKG_SCRIPTS: adb.object(script_values)}))
-    uid_at = (unique_id & 0x0FFFFFFF) + 1
     adb.data[uid_at:uid_at + UNIQUE_ID_LENGTH] = \
         hashlib.sha256(bytes(adb.data)).digest()[:UNIQUE_ID_LENGTH]
     return bytes(adb.data), data
