@@ -311,7 +311,12 @@ class Contents:
 
 
 def collect(source: Path = ROOT, ptyprocess_dir: Optional[Path] = None) -> Contents:
-    """Every file of the package with its mode, and the Depends derived from imports."""
+    """Every file of the package with its mode, and the Depends derived from imports.
+
+    The one payload of both packages: build_apk.py packs what this returns, so a file
+    added here ships in the .ipk and the .apk alike (a new directory of the package's
+    own also goes into :data:`OWN_DIRECTORIES`, for the postrm).
+    """
     version = read_version(source)
     pty_dir = ptyprocess_dir or find_ptyprocess()
     files: list[Entry] = []
