@@ -241,6 +241,16 @@ def read(raw: bytes) -> Apk:
     check(isinstance(package, dict) and "info" in package, "no package info")
     assert isinstance(package, dict)
 
+    # apk's writer sorts these arrays (adb_wa_sort, byte order of the name: apk_blob_sort)
+    # and its lookups expect them so
+    for label, items in [("paths", package.get("paths", []))] + [
+            (f"files of {(d.get('name') or b'').decode()!r}", d.get("files", []))
+            for d in package.get("paths", [])] + [
+            ("depends", package["info"].get("depends", []))]:
+        names = [item.get("name") or b"" for item in items]
+        check(names == sorted(names) and len(set(names)) == len(names),
+              f"{label} not sorted by name, or repeated")
+
     directories: dict[str, dict[str, Any]] = {}
     expected: list[tuple[int, int, str, dict[str, Any]]] = []
     files: dict[str, ApkFile] = {}
