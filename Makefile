@@ -60,6 +60,12 @@ clean:
 ipk: $(VENV)/.installed
 	$(VENV)/bin/python packaging/build_ipk.py --out dist
 
+## make apk: dist/spotfi-bridge-<version>-r1.apk for apk (OpenWrt 25.12), the same payload,
+## built reproducibly with the standard library, no SDK, no apk-tools (docs/OPENWRT.md)
+.PHONY: apk
+apk: $(VENV)/.installed
+	$(VENV)/bin/python packaging/build_apk.py --out dist
+
 ## make bench: every figure beside a floor measured in the same run (docs/BENCHMARKS.md);
 ## BENCH_QUICK=1 for a ~1 minute smoke run, COMPARE=path.json for the change against an earlier run
 bench: $(VENV)/.installed mosquitto

@@ -250,9 +250,11 @@ def test_control_fields(ipk: Ipk) -> None:
 
 def test_control_members_and_modes(ipk: Ipk) -> None:
     headers = {h.name: h for h in raw_headers(ipk.control_tar)}
-    assert set(headers) == {"./", "./control", "./conffiles", "./postinst", "./prerm"}
+    assert set(headers) == {"./", "./control", "./conffiles", "./postinst", "./prerm",
+                            "./postrm"}
     assert headers["./"].typeflag == "5"
     assert headers["./postinst"].mode == headers["./prerm"].mode == 0o755
+    assert headers["./postrm"].mode == 0o755
     assert headers["./control"].mode == headers["./conffiles"].mode == 0o644
 
 
@@ -433,8 +435,8 @@ def test_scripts_pass_sh_n(ipk: Ipk) -> None:
     scripts = {name: h.data for name, h in ipk.data().items()
                if name.startswith(("./usr/bin/", "./etc/init.d/")) and h.typeflag == "0"}
     scripts.update({h.name: h.data for h in raw_headers(ipk.control_tar)
-                    if h.name in ("./postinst", "./prerm")})
-    assert len(scripts) >= 4
+                    if h.name in ("./postinst", "./prerm", "./postrm")})
+    assert len(scripts) >= 5
     for name, body in scripts.items():
         assert body.startswith(b"#!/bin/sh"), name
         result = subprocess.run([*shell(), "-n"], input=body, capture_output=True)
