@@ -32,7 +32,7 @@ class BridgeProcess:
         self.log_path = self.dir / "bridge.log"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("SPOTFI_")}
         self.env.update({
-            "SPOTFI_ENV_FILE": str(self.dir / "absent.env"),
+            "SPOTFI_ENV_FILE": os.devnull,  # not this machine's /etc/spotfi.env
             "SPOTFI_ROUTER_ID": router_id,
             "SPOTFI_TOKEN": token,
             "SPOTFI_MQTT_BROKER": broker_url,

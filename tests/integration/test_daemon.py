@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -107,7 +108,7 @@ def test_broker_restart_republishes_online(
 def test_config_error_exits_78_with_one_clear_line(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "SPOTFI_ROUTER_ID": "r1",
            "SPOTFI_TOKEN": "tok-abcdef", "SPOTFI_MQTT_BROKER": "mqtt://127.0.0.1:1",
-           "SPOTFI_ENV_FILE": str(tmp_path / "none.env"), "SPOTFI_METRICS_INTERVAL": "90"}
+           "SPOTFI_ENV_FILE": os.devnull, "SPOTFI_METRICS_INTERVAL": "90"}
     proc = subprocess.run([sys.executable, "-m", "spotfi_bridge", "run"], env=env,
                           capture_output=True, text=True, timeout=20)
     assert proc.returncode == 78
@@ -150,7 +151,7 @@ def test_check_config_masks_token(tmp_path: Path) -> None:
     config.write_text('[router]\nid = "r9"\ntoken = "tok-zyxwvu"\n[mqtt]\nbroker = "mqtts://example.net"\n')
     config.chmod(0o600)
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT),
-           "SPOTFI_ENV_FILE": str(tmp_path / "none.env")}
+           "SPOTFI_ENV_FILE": os.devnull}
     proc = subprocess.run([sys.executable, "-m", "spotfi_bridge", "check-config", "--config",
                            str(config)], env=env, capture_output=True, text=True, timeout=20)
     assert proc.returncode == 0, proc.stderr

@@ -152,7 +152,7 @@ def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
 
 def spotfi_bridge(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SPOTFI_")}
-    environ["SPOTFI_ENV_FILE"] = str(tmp_path / "no-such.env")
+    environ["SPOTFI_ENV_FILE"] = os.devnull
     environ.update(env)
     return subprocess.run([sys.executable, "-m", "spotfi_bridge", *args], cwd=REPO, env=environ,
                           capture_output=True, text=True, timeout=60, check=False)
