@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TOML config file (default: $SPOTFI_CONFIG or /etc/spotfi/bridge.toml)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                         help="override [log] level")
+    parser.add_argument("--logd", action="store_true",
+                        help="stderr goes to logd (the init script under procd), which stamps "
+                             "every line: log without timestamps of our own")
     return parser
 
 
@@ -41,7 +44,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(json.dumps(config.redacted(), indent=2, sort_keys=True))
         print("config OK", file=sys.stderr)
         return 0
-    logs.setup_logging(args.log_level or config.log_level, [config.router.token])
+    logs.setup_logging(args.log_level or config.log_level, [config.router.token],
+                       timestamps=not args.logd)
     for warning in config.warnings:
         log.warning("%s", warning)
     from spotfi_bridge.daemon import run_daemon

@@ -8,6 +8,7 @@ it is a router owner looking at ``logread``.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import os
 import shlex
@@ -270,7 +271,8 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "name": _Key("a string", _string),
     },
     "mqtt": {
-        "broker": _Key("a URL like mqtt://host:1883 (tcp, mqtt, ssl, mqtts, ws, wss)", _string),
+        "broker": _Key(f"a URL like mqtt://host:1883 ({', '.join(s + '://' for s in SCHEMES)})",
+                       _string),
         "keepalive": _Key("an integer from 5 to 3600 (seconds)", _number(5, 3600, True)),
         "protocol": _Key('"3.1.1" or "5"', _choice("3.1.1", "5", "3", "311")),
         "clean_session": _Key("true or false", parse_bool),
@@ -337,6 +339,8 @@ IGNORED_ENV_NAMES = {
 }
 #: Variables that steer loading itself, not config keys.
 LOADER_ENV_NAMES = {"SPOTFI_CONFIG", "SPOTFI_ENV_FILE"}
+#: SPOTFI_* variables of other programs: spotfi-bridge-ctl, the package's launcher, bench.
+OTHER_PROGRAMS_ENV_PREFIXES = ("SPOTFI_CTL_", "SPOTFI_BRIDGE_")
 
 
 def env_name(section: str, key: str) -> str:
@@ -388,8 +392,18 @@ def parse_env_file(path: str, text: str) -> tuple[dict[str, str], list[str]]:
     return values, problems
 
 
+def _unknown_env_warning(name: str) -> str:
+    """The warning for a SPOTFI_* name that is no setting, with the likely intended one."""
+    known = {env_name(section, key) for section, keys in SCHEMA.items() for key in keys}
+    known |= LOADER_ENV_NAMES | set(LEGACY_ENV_NAMES)
+    suffixes = {candidate[len("SPOTFI_"):]: candidate for candidate in known}
+    close = difflib.get_close_matches(name[len("SPOTFI_"):].upper(), suffixes, n=1, cutoff=0.75)
+    hint = f"; did you mean {suffixes[close[0]]}?" if close else ""
+    return f"unknown setting, ignored{hint}"
+
+
 def _collect_env(values: Mapping[str, str], where: Callable[[str], str], raw: _Raw,
-                 warnings: list[str], warn_unknown: bool) -> None:
+                 warnings: list[str]) -> None:
     for name, value in values.items():
         if name in IGNORED_ENV_NAMES:
             warnings.append(f"{where(name)}: {IGNORED_ENV_NAMES[name]}")
@@ -398,8 +412,8 @@ def _collect_env(values: Mapping[str, str], where: Callable[[str], str], raw: _R
             continue
         target = _env_key(name)
         if target is None:
-            if warn_unknown and name.startswith("SPOTFI_"):
-                warnings.append(f"{where(name)}: unknown setting, ignored")
+            if name.startswith("SPOTFI_") and not name.startswith(OTHER_PROGRAMS_ENV_PREFIXES):
+                warnings.append(f"{where(name)}: {_unknown_env_warning(name)}")
             continue
         raw[target] = (value, where(name))
 
@@ -474,11 +488,16 @@ def load_config(
 ) -> Config:
     """Build the effective configuration. Raises :class:`ConfigError`."""
     environ = os.environ if environ is None else environ
-    env_file = env_file or environ.get("SPOTFI_ENV_FILE") or DEFAULT_ENV_FILE
+    explicit_env_file = env_file or environ.get("SPOTFI_ENV_FILE")
+    env_file = explicit_env_file or DEFAULT_ENV_FILE
     raw: _Raw = {}
     warnings: list[str] = []
     sources: list[str] = []
 
+    if explicit_env_file and not os.path.exists(explicit_env_file):
+        # the default file may be absent (a router set up by hand); one named on purpose not
+        raise ConfigError(f"{explicit_env_file}: env file not found (named by SPOTFI_ENV_FILE; "
+                          f"{os.devnull} for none)")
     if os.path.exists(env_file):
         try:
             with open(env_file, encoding="utf-8", errors="replace") as handle:
@@ -487,8 +506,9 @@ def load_config(
             raise ConfigError(f"{env_file}: cannot read: {exc.strerror}") from None
         values, problems = parse_env_file(env_file, text)
         warnings.extend(problems)
-        _collect_env(values, lambda name: f"{env_file}: {name}", raw, warnings, True)
-        sources.append(env_file)
+        _collect_env(values, lambda name: f"{env_file}: {name}", raw, warnings)
+        if env_file != os.devnull:
+            sources.append(env_file)
         problem = _file_mode_warning(env_file, "SPOTFI_TOKEN" in values)
         if problem:
             warnings.append(problem)
@@ -507,8 +527,8 @@ def load_config(
             warnings.append(problem)
 
     _collect_env({k: v for k, v in environ.items() if k.startswith("SPOTFI_")},
-                 lambda name: f"environment variable {name}", raw, warnings, False)
-    return _build(raw, tuple(sources), tuple(warnings))
+                 lambda name: f"environment variable {name}", raw, warnings)
+    return _build(raw, tuple(sources), tuple(warnings), (toml_path, env_file))
 
 
 def _value(raw: _Raw, section: str, key: str) -> Any:
@@ -534,14 +554,31 @@ def _section(raw: _Raw, section: str) -> dict[str, Any]:
     return values
 
 
+#: The keys without which the bridge cannot connect.
+REQUIRED_KEYS = (("router", "id"), ("router", "token"), ("mqtt", "broker"))
+
+
+def _check_required(raw: _Raw, files: tuple[str, str]) -> None:
+    """One error naming every required key that is missing, and the files it reads."""
+    missing = [(section, key) for section, key in REQUIRED_KEYS
+               if (section, key) not in raw or raw[(section, key)][0] in ("", None)]
+    if not missing:
+        return
+    toml_path, env_file = files
+    names = ", ".join(env_name(section, key) for section, key in missing)
+    places = [path for path in (toml_path, env_file) if path != os.devnull]
+    if env_file in places:
+        places[-1] += f" ({names})"
+    places.append(f"the environment ({names})")
+    where = ", ".join(places[:-1]) + (" or " if len(places) > 1 else "") + places[-1]
+    raise ConfigError("; ".join(f"[{section}] {key} is not set: expected "
+                                f"{SCHEMA[section][key].expected}" for section, key in missing)
+                      + f"; set {'it' if len(missing) == 1 else 'them'} in {where}")
+
+
 def _required(raw: _Raw, section: str, key: str) -> Any:
-    value = _value(raw, section, key)
-    if value is None or value == "":
-        raise ConfigError(
-            f"[{section}] {key} is not set: expected {SCHEMA[section][key].expected}; set it "
-            f"in {DEFAULT_TOML_PATH}, {DEFAULT_ENV_FILE} ({env_name(section, key)}) or the "
-            f"environment ({env_name(section, key)})")
-    return value
+    """A required key's value; :func:`_check_required` has made sure it is set."""
+    return _value(raw, section, key)
 
 
 def _where(raw: _Raw, section: str, *keys: str) -> str:
@@ -553,7 +590,9 @@ def _where(raw: _Raw, section: str, *keys: str) -> str:
     return "defaults"
 
 
-def _build(raw: _Raw, sources: tuple[str, ...], warnings: tuple[str, ...]) -> Config:
+def _build(raw: _Raw, sources: tuple[str, ...], warnings: tuple[str, ...],
+           files: tuple[str, str] = (DEFAULT_TOML_PATH, DEFAULT_ENV_FILE)) -> Config:
+    _check_required(raw, files)
     router = RouterConfig(
         id=_required(raw, "router", "id"),
         token=_required(raw, "router", "token"),

@@ -45,6 +45,15 @@ QUICK_RETRY_WINDOW = 10.0
 #: Messages paho may have on the wire unacknowledged; more wait, in order, inside paho.
 MAX_INFLIGHT = 100
 
+#: Every counter ``bridge info`` shows under ``link``, zeros included: a counter that appears
+#: only once it moved cannot be told apart from one that does not exist.
+COUNTER_NAMES = (
+    "connect_attempts", "connects", "connect_failures", "connect_refused", "auth_refused",
+    "disconnects", "socket_errors", "published", "received", "inbound_redelivered",
+    "inbound_oversized", "handler_errors", "outbox_refused", "dropped_qos0",
+    "dropped_send_error", "dropped_invalid_topic", "dropped_at_close",
+)
+
 
 @dataclass
 class _Outgoing:
@@ -109,7 +118,7 @@ class MqttLink:
         # the next attempt goes out at once: a stable connection just ended, or the
         # settings changed; every other failure backs off first
         self._reconnect_now = False
-        self.stats: dict[str, int] = collections.defaultdict(int)
+        self.stats: dict[str, int] = collections.defaultdict(int, dict.fromkeys(COUNTER_NAMES, 0))
 
     # ------------------------------------------------------------------ public
 

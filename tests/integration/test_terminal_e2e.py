@@ -262,3 +262,15 @@ def test_sigterm_tells_sessions_before_offline_and_start_stop_leaks_nothing(
         told = next(m for m in api.received[mark:] if m.topic == api.out_topic
                     and m.json().get("sessionId") == sid and m.json()["type"] == "x-error")
         assert told.at <= offline.at
+
+
+def test_a_test_bridge_runs_a_pinned_shell_not_the_users_login_shell(
+        api: ApiClient, make_bridge: Callable[..., BridgeProcess]) -> None:
+    # A login shell reads ~/.bashrc and ~/.profile: what the host user keeps there (a slow
+    # pyenv init, a prompt that prints) must not decide whether a test passes.
+    bridge = make_bridge()
+    wait_online(api)
+    session_id = api.x_start(ROUTER)
+    api.wait_x(session_id, "x-started")
+    assert [s["shell"] for s in sessions(api)] == [["/bin/sh"]], bridge.log()
+    api.x_stop(ROUTER, session_id)

@@ -881,7 +881,7 @@ def run(settings: Settings) -> dict[str, Any]:
         log_copy = RESULTS / "latest-bridge.log"
         try:
             RESULTS.mkdir(exist_ok=True)
-            shutil.copy(bridge.log_path, log_copy)
+            log_copy.write_text(bridge.log())  # closed: its directory is gone, its log kept
         except OSError:
             pass
         shutil.rmtree(workdir, ignore_errors=True)

@@ -448,6 +448,74 @@ def test_missing_required_setting(name: str, key: str) -> None:
     assert name in message
 
 
+def test_every_missing_required_setting_is_named_in_one_error() -> None:
+    # one run, every fix: a router owner should not need three restarts to learn three keys
+    message = config_error(None, {})
+    assert message.count("is not set") == 3, message
+    for key, name in (("[router] id", "SPOTFI_ROUTER_ID"), ("[router] token", "SPOTFI_TOKEN"),
+                      ("[mqtt] broker", "SPOTFI_MQTT_BROKER")):
+        assert f"{key} is not set: expected " in message and name in message
+    assert message.endswith("(SPOTFI_ROUTER_ID, SPOTFI_TOKEN, SPOTFI_MQTT_BROKER)")
+
+
+def test_the_set_it_in_hint_names_the_file_given_with_config(tmp_path: Path) -> None:
+    toml = write(tmp_path / "my-bridge.toml", '[router]\nid = "r1"\n')
+    env_file = write(tmp_path / "my.env", "SPOTFI_ROUTER_NAME=lobby\n")
+    message = config_error(toml, {"SPOTFI_ENV_FILE": env_file})
+    assert message.endswith(f"set them in {toml}, {env_file} (SPOTFI_TOKEN, SPOTFI_MQTT_BROKER) "
+                            "or the environment (SPOTFI_TOKEN, SPOTFI_MQTT_BROKER)"), message
+    assert str(config_module.DEFAULT_TOML_PATH) not in message
+
+
+def test_the_broker_error_lists_every_scheme_tls_included() -> None:
+    message = config_error(None, {**BASE_ENV, "SPOTFI_MQTT_BROKER": "gopher://broker"})
+    for scheme in config_module.SCHEMES:
+        assert f"{scheme}://" in message, message
+    assert "tls://" in message
+    assert load_config(None, {**BASE_ENV, "SPOTFI_MQTT_BROKER": "tls://b.example"}).mqtt.broker.tls
+
+
+def test_an_env_file_named_on_purpose_must_exist(tmp_path: Path) -> None:
+    missing = tmp_path / "spotfi.env.typo"
+    message = config_error(None, {**BASE_ENV, "SPOTFI_ENV_FILE": str(missing)})
+    assert message.startswith(f"{missing}: env file not found")
+    # the default file may be absent (a router configured by TOML or environment alone)
+    assert load_config(None, dict(BASE_ENV)).router.id == "router-1"
+    assert load_config(None, {**BASE_ENV, "SPOTFI_ENV_FILE": os.devnull}).sources == ()
+
+
+@pytest.mark.parametrize(("name", "suggestion"), [
+    ("SPOTFI_METRICS_INTERVL", "did you mean SPOTFI_METRICS_INTERVAL?"),
+    ("SPOTFI_ROUTERID", "did you mean SPOTFI_ROUTER_ID?"),
+    ("SPOTFI_RPC_MAX_CONCURRENCY", "did you mean SPOTFI_RPC_MAX_CONCURRENT?"),
+    ("SPOTFI_COLOUR", None),
+])
+def test_an_unknown_spotfi_variable_warns_with_the_closest_key(name: str,
+                                                               suggestion: Optional[str]) -> None:
+    cfg = load_config(None, {**BASE_ENV, name: "15"})
+    [warning] = cfg.warnings
+    assert warning.startswith(f"environment variable {name}: unknown setting, ignored")
+    if suggestion is None:
+        assert "did you mean" not in warning
+    else:
+        assert warning.endswith(f"; {suggestion}")
+    assert cfg.metrics.interval == 30.0  # ignored, not guessed
+
+
+def test_variables_of_ctl_and_the_launcher_are_not_unknown_settings() -> None:
+    cfg = load_config(None, {**BASE_ENV, "SPOTFI_CTL_BROKER": "mqtt://x", "SPOTFI_BRIDGE_LIB": "/x",
+                             "SPOTFI_BRIDGE_PYTHON": "python3", "SPOTFI_CONFIG_DIR": "x"})
+    assert cfg.warnings == ("environment variable SPOTFI_CONFIG_DIR: unknown setting, ignored; "
+                            "did you mean SPOTFI_CONFIG?",)
+
+
+def test_an_unknown_name_in_the_env_file_gets_the_same_hint(tmp_path: Path) -> None:
+    env_file = write(tmp_path / "spotfi.env", "SPOTFI_MQTT_BROKR=mqtt://b\n")
+    cfg = load_config(None, {**BASE_ENV, "SPOTFI_ENV_FILE": env_file})
+    assert cfg.warnings == (f"{env_file}: SPOTFI_MQTT_BROKR: unknown setting, ignored; "
+                            "did you mean SPOTFI_MQTT_BROKER?",)
+
+
 def test_empty_token_is_not_set(tmp_path: Path) -> None:
     message = config_error(None, {**BASE_ENV, "SPOTFI_TOKEN": ""})
     assert message.startswith("[router] token is not set")

@@ -180,7 +180,7 @@ def test_start_opens_one_respawning_instance_after_checking_the_config(router: R
     assert run.index("spotfi-bridge", "check-config") < run.index("procd_open_instance")
 
     params = {call[0]: call[1:] for call in run.named("procd_set_param")}
-    assert params["command"] == [str(router.prog), "run"]
+    assert params["command"] == [str(router.prog), "run", "--logd"]  # logd stamps the lines
     threshold, timeout, retry = (int(value) for value in params["respawn"])
     assert threshold > 0 and timeout > 0 and retry > 0  # retry 0 would respawn forever
     assert params["file"] == ["/etc/spotfi/bridge.toml", "/etc/spotfi.env"]
@@ -292,7 +292,7 @@ def test_init_script_with_the_packaged_launcher(tmp_path: Path, staged: Path) ->
     run = router.service("start", **env)
     assert run.status == 0, run.stderr
     params = {call[0]: call[1:] for call in run.named("procd_set_param")}
-    assert params["command"] == [str(staged / "usr/bin/spotfi-bridge"), "run"]
+    assert params["command"] == [str(staged / "usr/bin/spotfi-bridge"), "run", "--logd"]
     assert run.named("logger") == []
 
 

@@ -422,7 +422,7 @@ def test_example_config_names_every_key_with_its_default(tmp_path: Path) -> None
     path = tmp_path / "bridge.toml"
     path.write_text(uncomment(text))
     path.chmod(0o600)
-    config = load_config(str(path), environ={}, env_file=str(tmp_path / "absent.env"))
+    config = load_config(str(path), environ={}, env_file=os.devnull)
     required_or_examples = {("router", "id"), ("router", "token"), ("mqtt", "broker"),
                             ("terminal", "shell")}
     for section, key in sorted(listed - required_or_examples):
@@ -466,7 +466,7 @@ def marked_root(unpacked: Path, tmp_path: Path) -> Path:
 
 
 def test_launcher_runs_the_packaged_code(marked_root: Path, tmp_path: Path) -> None:
-    result = run_launcher(marked_root, "--version", env_file=tmp_path / "absent.env")
+    result = run_launcher(marked_root, "--version", env_file=Path(os.devnull))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"spotfi-bridge {__version__}+unpacked"
     assert not list(marked_root.rglob("__pycache__"))  # nothing written next to the code
