@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # integration tests that `make test-py313` repeats under Python 3.13 + paho-mqtt 2.x
 PY313_TESTS ?= tests/integration
 
-.PHONY: all venv test test-py311 test-py313 lint dry-run bench soak ipk mosquitto clean
+.PHONY: all venv test test-py311 test-py313 lint dry-run bench soak ipk mosquitto busybox clean
 
 all: test
 
@@ -37,14 +37,21 @@ mosquitto:
 	@command -v openssl >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null; }
 	@if systemctl is-active --quiet mosquitto 2>/dev/null; then systemctl stop mosquitto; fi; true
 
+# OpenWrt's shell (busybox ash), for the terminal tests
+busybox:
+	@if ! command -v busybox >/dev/null; then \
+		echo "installing busybox with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox >/dev/null; \
+	fi
+
 ## make test: the whole suite on Python 3.11 + paho-mqtt 1.6.1, then the
 ## integration tests again on Python 3.13 + paho-mqtt 2.x
 test: test-py311 test-py313
 
-test-py311: $(VENV)/.installed mosquitto
+test-py311: $(VENV)/.installed mosquitto busybox
 	PATH="/usr/sbin:$$PATH" $(VENV)/bin/python -m pytest -n 2 -q $(PYTEST_ARGS) tests
 
-test-py313: $(VENV313)/.installed mosquitto
+test-py313: $(VENV313)/.installed mosquitto busybox
 	PATH="/usr/sbin:$$PATH" $(VENV313)/bin/python -m pytest -n 2 -q $(PYTEST_ARGS) $(PY313_TESTS)
 
 lint: $(VENV)/.installed
