@@ -504,9 +504,8 @@ class PtySession:
             log.warning("terminal session %r: shell (pid %d) was reaped elsewhere; its "
                         "session's processes are not swept (its pid may be reused)",
                         self.id, self.pid)
-            self._exited = self._reaped = True
-            self._exit_code = 255
-            self._after_reap()
+            self._reaped = True
+            self._on_shell_exit(255)
             return
         if info is None:
             return
@@ -521,9 +520,12 @@ class PtySession:
         self._exited = True
         self._exit_code = code
         self._close_pidfd()  # readable for good now; the sweep takes over
-        self._hang_up()  # a natural exit: its jobs were the terminal's too
-        self._poll_delay = 0.01
-        self._sweep()
+        if self._reaped:
+            self._after_reap()
+        else:
+            self._hang_up()  # a natural exit: its jobs were the terminal's too
+            self._poll_delay = 0.01
+            self._sweep()
         if self._ended:
             return
         # Natural exit: drain what the PTY still holds (bounded), then report it.
@@ -547,8 +549,7 @@ class PtySession:
                             len(left), KILL_GIVE_UP, ", ".join(str(p) for p, _ in left[:10]))
                 left = []
             else:
-                self._signal_group(signal.SIGKILL)
-                signal_members(self.pid, signal.SIGKILL, left)
+                self._signal_session(signal.SIGKILL, left)
         if not left:
             self._reap()
             return
@@ -579,9 +580,11 @@ class PtySession:
 
     def _poll_child(self) -> None:
         """Only without pidfd (kernel < 5.3): poll with a backoff until the shell exits."""
-        self._poll_handle = None
         if self._exited:
-            return
+            return  # the sweep owns the timer now
+        if self._poll_handle is not None:  # one chain of polls, whoever calls
+            self._poll_handle.cancel()
+            self._poll_handle = None
         self._check_child()
         if not self._exited:
             self._poll_handle = self._loop.call_later(self._poll_delay, self._poll_child)
@@ -618,7 +621,7 @@ class PtySession:
         self._maybe_closed()
 
     def _hang_up(self) -> None:
-        if self._teardown is not Teardown.RUNNING:
+        if self._teardown is not Teardown.RUNNING or self._reaped:
             return
         self._teardown = Teardown.HUNG_UP
         self._signal_session(signal.SIGHUP)
@@ -661,10 +664,12 @@ class PtySession:
             pass
         self._reaped = True
 
-    def _signal_session(self, signum: int) -> None:
-        """The shell's process group, then every other process of its session."""
+    def _signal_session(self, signum: int,
+                        found: Optional[list[tuple[int, int]]] = None) -> None:
+        """The shell's process group, then every other process of its session (``found``:
+        a fresh list from :func:`members`)."""
         self._signal_group(signum)
-        signal_members(self.pid, signum)
+        signal_members(self.pid, signum, found)
 
     def _signal_group(self, signum: int) -> None:
         try:
