@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Optional
 import pytest
 
 from tests.conftest import wait_online
+from tests.fuzz.procfs import alive, comm, session_id, session_members, start_time
 from tests.helpers.apiclient import ApiClient
 from tests.helpers.bridge import BridgeProcess
 from tests.helpers.broker import Mosquitto
@@ -50,36 +51,6 @@ def toml(argv: tuple[str, ...], extra: str = "") -> str:
             f"backoff_max = 1\n[terminal]\nshell = [{shell}]\n{extra}")
 
 
-def stat_fields(pid: int) -> Optional[list[str]]:
-    """``/proc/<pid>/stat`` from the state on (field 3): state, ppid, pgrp, session..."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-
-
-def alive(pid: int) -> bool:
-    fields = stat_fields(pid)
-    return fields is not None and fields[0] not in ("Z", "X")
-
-
-def session_of(pid: int) -> Optional[int]:
-    fields = stat_fields(pid)
-    return int(fields[3]) if fields is not None else None
-
-
-def members(sid: int) -> list[int]:
-    """Live processes of session ``sid``."""
-    return [int(entry) for entry in os.listdir("/proc")
-            if entry.isdigit() and session_of(int(entry)) == sid and alive(int(entry))]
-
-
-def started_at(pid: int) -> Optional[str]:
-    fields = stat_fields(pid)
-    return fields[19] if fields is not None else None
-
-
 def ignores_hup(pid: int) -> bool:
     try:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -89,23 +60,16 @@ def ignores_hup(pid: int) -> bool:
     return mask is not None and int(mask.group(1), 16) & (1 << (signal.SIGHUP - 1)) != 0
 
 
-def comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
 class Terminal:
     """One session with two jobs running in it, as an operator leaves it; every pid it
     learns goes to ``leftovers`` (the fixture kills what is still alive at teardown)."""
 
-    def __init__(self, api: ApiClient, session_id: str, leftovers: Leftovers,
+    def __init__(self, api: ApiClient, name: str, leftovers: Leftovers,
                  router: str = ROUTER) -> None:
-        self.api, self.id, self.router = api, session_id, router
+        self.api, self.id, self.router = api, name, router
         self.leftovers = leftovers
-        api.x_start(router, session_id)
-        api.wait_x(session_id, "x-started", timeout=15)
+        api.x_start(router, name)
+        api.wait_x(name, "x-started", timeout=15)
         self.shell = self.pid_of(b"sh", b"echo \"sh=$$\"\n")
         self.jobs: list[int] = []
 
@@ -115,7 +79,7 @@ class Terminal:
         output = wait_for(lambda: pattern.search(self.api.x_output(self.id)), 15,
                           f"{name.decode()}=<pid> in the terminal")
         pid = int(output.group(1))
-        self.leftovers.append((pid, started_at(pid)))
+        self.leftovers.append((pid, start_time(pid)))
         return pid
 
     def start_jobs(self) -> None:
@@ -123,12 +87,11 @@ class Terminal:
         self.jobs = [self.pid_of(b"bg", b""), self.pid_of(b"nohup", b"")]
         wait_for(lambda: all(comm(pid) == "sleep" for pid in self.jobs), 15, "jobs running")
         assert ignores_hup(self.jobs[1]) and not ignores_hup(self.jobs[0])
-        # the premise: each job has its own process group, in the shell's session
+        # the premise: each job has a process group of its own, in the shell's session
         for pid in self.jobs:
-            fields = stat_fields(pid)
-            assert fields is not None and int(fields[3]) == self.shell, fields
-        assert session_of(self.shell) == self.shell
-        assert set(self.jobs) <= set(members(self.shell))
+            assert session_id(pid) == self.shell and os.getpgid(pid) == pid
+        assert session_id(self.shell) == self.shell
+        assert set(self.jobs) <= set(session_members(self.shell))
 
 
 @pytest.fixture
@@ -138,7 +101,7 @@ def leftovers() -> Iterator[Leftovers]:
     pids: Leftovers = []
     yield pids
     for pid, start in pids:
-        if alive(pid) and started_at(pid) == start:
+        if alive(pid) and start_time(pid) == start:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -148,11 +111,12 @@ def leftovers() -> Iterator[Leftovers]:
 def wait_gone(terminal: Terminal) -> None:
     sid = terminal.shell
     try:
-        wait_for(lambda: not members(sid) and not any(alive(pid) for pid in terminal.jobs),
+        wait_for(lambda: not session_members(sid)
+                 and not any(alive(pid) for pid in terminal.jobs),
                  GONE_TIMEOUT, f"every process of session {sid} gone")
     except WaitTimeout as exc:
-        raise AssertionError(f"{exc}; still alive: {members(sid)} (jobs {terminal.jobs}, "
-                             f"shell {sid})") from None
+        raise AssertionError(f"{exc}; still alive: {session_members(sid)} "
+                             f"(jobs {terminal.jobs}, shell {sid})") from None
 
 
 @pytest.mark.parametrize("shell", SHELLS)
@@ -215,7 +179,7 @@ def test_sigterm_of_the_daemon_ends_every_process_of_its_sessions(
     # the daemon waited for them: nothing of its sessions outlives it
     for terminal in terminals:
         assert not any(alive(pid) for pid in terminal.jobs), (terminal.jobs, bridge.log())
-        assert not members(terminal.shell)
+        assert not session_members(terminal.shell)
 
 
 @pytest.mark.parametrize("shell", SHELLS)

@@ -11,6 +11,7 @@ from typing import Iterator
 import pytest
 
 from spotfi_bridge.terminal.members import members, signal_members
+from tests.fuzz.procfs import alive, comm, state
 from tests.helpers.wait import wait_for
 
 # What a shell with job control leaves in its session: a job in a group of its own, one
@@ -26,22 +27,6 @@ time.sleep(1000)
 """
 
 
-def state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return ""
-
-
-def comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as handle:
-            return handle.read().strip()
-    except OSError:
-        return ""
-
-
 class Session:
     def __init__(self) -> None:
         self.leader = subprocess.Popen([sys.executable, "-c", LEADER], stdout=subprocess.PIPE,
@@ -54,7 +39,7 @@ class Session:
 
     def close(self) -> None:
         for pid in (self.own, self.nohup, self.gone):
-            if state(pid) not in ("", "Z") and os.getsid(pid) in (self.leader.pid, self.gone):
+            if alive(pid) and os.getsid(pid) in (self.leader.pid, self.gone):
                 os.kill(pid, signal.SIGKILL)
         self.leader.kill()
         self.leader.wait(10)
@@ -83,10 +68,9 @@ def test_signal_members_reaches_other_groups_only(session: Session) -> None:
     sid = session.leader.pid
     # the leader's own group is the caller's to killpg; the rest get the signal
     assert signal_members(sid, signal.SIGKILL) == 2
-    wait_for(lambda: state(session.own) in ("", "Z") and state(session.nohup) in ("", "Z"),
-             10, "both jobs dead")
-    assert state(sid) not in ("", "Z"), "the leader's group was signalled"
-    assert state(session.gone) not in ("", "Z"), "a process outside the session was signalled"
+    wait_for(lambda: not alive(session.own) and not alive(session.nohup), 10, "both jobs dead")
+    assert alive(sid), "the leader's group was signalled"
+    assert alive(session.gone), "a process outside the session was signalled"
     assert members(sid) == [(sid, sid)]
 
 
@@ -95,4 +79,4 @@ def test_a_pid_that_left_the_session_since_the_scan_is_not_signalled(
     """As if a member died after the scan and its pid went to a process elsewhere."""
     assert signal_members(session.leader.pid, signal.SIGKILL,
                           [(session.gone, session.gone)]) == 0
-    assert state(session.gone) not in ("", "Z")
+    assert alive(session.gone)
