@@ -482,18 +482,26 @@ def test_stop_kills_a_shell_that_ignores_sighup() -> None:
     run(body)
 
 
-def test_idle_timeout_ends_quiet_sessions_only() -> None:
+def test_idle_timeout_counts_keystrokes_not_output() -> None:
+    """An orphaned session that keeps printing ends; one somebody types into stays."""
     async def body() -> None:
         manager, link = new_manager(replace(CONFIG, idle_timeout=1.0))
-        await start(manager, link, "quiet")
-        await start(manager, link, "printer")
+        for session_id in ("quiet", "printer", "typist"):
+            await start(manager, link, session_id)
         send(manager, "printer", b"while :; do echo tick; sleep 0.05; done\n")
         error = await link.wait_x("quiet", "x-error", timeout=10)
         assert error["reason"] == "idle" and "idle" in error["error"]
-        # the printing session started at the same time is still open
-        assert [s["id"] for s in manager.sessions()] == ["printer"]
-        assert not link.of("printer", "x-error")
-        assert manager.counters()["idle_closed"] == 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while not link.of("printer", "x-error") and loop.time() < deadline:
+            send(manager, "typist", b"\n")  # somebody at the keyboard, every 0.2 s
+            await asyncio.sleep(0.2)
+        error = await link.wait_x("printer", "x-error", timeout=1)
+        assert error["reason"] == "idle" and error["idleTimeout"] == 1.0
+        assert link.output("printer").count(b"tick") > 10  # it printed all along
+        assert [s["id"] for s in manager.sessions()] == ["typist"]
+        assert not link.of("typist", "x-error")
+        assert manager.counters()["idle_closed"] == 2
         await manager.shutdown()
     run(body)
 
