@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -25,6 +27,7 @@ from spotfi_bridge.config import TerminalConfig
 from spotfi_bridge.protocol import Topics
 from spotfi_bridge.publish import OnSent
 from spotfi_bridge.terminal import SessionManager
+from tests.fuzz.procfs import alive, comm
 from tests.helpers.wait import until
 
 ROUTER = "r1"
@@ -479,6 +482,34 @@ def test_stop_kills_a_shell_that_ignores_sighup() -> None:
         await until(lambda: gone(pid), "SIGKILLed shell reaped")
         await until(lambda: manager.counters()["closing"] == 0, "session closed")
         assert not my_zombies()
+    run(body)
+
+
+def test_without_pidfd_a_job_that_ignores_sighup_still_ends(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel older than 5.3 (no pidfd): polls instead of pidfds, the same outcome."""
+    def no_pidfd(pid: int, flags: int = 0) -> int:
+        raise OSError(errno.ENOSYS, "pidfd_open")
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+
+    async def body() -> None:
+        manager, link = new_manager(replace(CONFIG, shell=("/bin/sh", "-i")), kill_grace=0.3)
+        await start(manager, link, "old-kernel")
+        send(manager, "old-kernel", b"sh -c 'trap \"\" HUP; exec sleep 1001' & "
+                                    b"echo \"job=$!\"\n")
+        found = await until(lambda: re.search(rb"job=(\d+)", link.output("old-kernel")),
+                            "the job's pid")
+        job = int(found.group(1))
+        shell = session_info(manager, "old-kernel")["pid"]
+        try:
+            await until(lambda: comm(job) == "sleep" and os.getpgid(job) == job, "job running")
+            manager.handle(protocol.api_x_stop("old-kernel"))
+            await until(lambda: not alive(job) and gone(shell), "job and shell gone")
+            await until(lambda: manager.counters()["closing"] == 0, "session closed")
+            assert not my_zombies()
+        finally:
+            if alive(job) and os.getsid(job) == shell:
+                os.kill(job, signal.SIGKILL)
     run(body)
 
 
