@@ -31,7 +31,7 @@ PY313_PAHO1_TESTS ?= tests/unit tests/integration/test_link.py tests/integration
 	tests/integration/test_packaged_daemon.py tests/integration/test_ctl.py
 
 .PHONY: all venv test test-py311 test-py313 test-py313-paho2 test-py313-paho1 lint dry-run \
-	bench soak ipk mosquitto clean
+	bench soak ipk mosquitto busybox clean
 
 all: test
 
@@ -63,13 +63,20 @@ mosquitto:
 	fi
 	@command -v openssl >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null; }
 
+# OpenWrt's shell (busybox ash), for the terminal tests
+busybox:
+	@if ! command -v busybox >/dev/null; then \
+		echo "installing busybox with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox >/dev/null; \
+	fi
+
 ## make test: the whole suite on Python 3.11 + paho-mqtt 1.6.1, then, when a Python 3.13
 ## is found, PY313_TESTS on 3.13 + paho-mqtt 2.x and PY313_PAHO1_TESTS on 3.13 +
 ## paho-mqtt 1.6.1; without one those two phases are skipped with a notice and the 3.11
 ## result decides (REQUIRE_PY313=1 makes a missing 3.13 an error)
 test: test-py311 test-py313
 
-test-py311: $(VENV)/.installed mosquitto
+test-py311: $(VENV)/.installed mosquitto busybox
 	PATH="/usr/sbin:$$PATH" $(VENV)/bin/python -m pytest -n 2 -q $(PYTEST_ARGS) tests
 
 PY313_MISSING = Python 3.13 not found ($(if $(PY313),PY313=$(PY313) is not a Python 3.13,no python3.13 on PATH$(comma) none in $(PYENV_ROOT)/versions)): set PY313=/path/to/python3.13
@@ -89,10 +96,10 @@ test-py313:
 		echo "NOTICE: (e.g. pyenv install 3.13) or make test PY313=/path/to/python3.13."; \
 	fi
 
-test-py313-paho2: $(VENV313)/.installed mosquitto
+test-py313-paho2: $(VENV313)/.installed mosquitto busybox
 	PATH="/usr/sbin:$$PATH" $(VENV313)/bin/python -m pytest -n 2 -q $(PYTEST_ARGS) $(PY313_TESTS)
 
-test-py313-paho1: $(VENV313_PAHO1)/.installed mosquitto
+test-py313-paho1: $(VENV313_PAHO1)/.installed mosquitto busybox
 	PATH="/usr/sbin:$$PATH" $(VENV313_PAHO1)/bin/python -m pytest -n 2 -q $(PYTEST_ARGS) $(PY313_PAHO1_TESTS)
 
 lint: $(VENV)/.installed

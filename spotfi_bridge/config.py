@@ -121,6 +121,7 @@ class TerminalConfig:
     #: argv of the login shell; empty means auto (``/bin/ash -l``, the user's shell, ``/bin/sh``).
     shell: tuple[str, ...] = ()
     max_sessions: int = 8
+    #: seconds without input (``x-data`` in) before a session ends, even if it prints
     idle_timeout: float = 3600.0
     batch_bytes: int = 32 * 1024
     batch_delay_ms: float = 3.0

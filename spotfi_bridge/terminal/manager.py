@@ -22,8 +22,9 @@ from spotfi_bridge.terminal.shell import shell_spec
 
 log = logging.getLogger("spotfi_bridge.terminal")
 
-#: Seconds a shell gets to exit after SIGHUP at shutdown before SIGKILL (procd waits ~5 s,
-#: the daemon gives the terminal part half of its shutdown budget).
+#: Seconds the processes of a session get to exit after SIGHUP at shutdown (or a router id
+#: change) before SIGKILL: the daemon gives the terminal part half of its shutdown budget,
+#: which must fit in procd's term_timeout.
 SHUTDOWN_GRACE = 0.8
 #: Ended session ids remembered so a redelivered ``x-start`` does not respawn them.
 RECENTLY_ENDED = 256
@@ -73,7 +74,7 @@ class SessionManager:
             "cols": s.cols,
             "rows": s.rows,
             "age": round(now - s.started_at, 3),
-            "idle": round(now - s.last_activity, 3),
+            "idle": round(now - s.last_input, 3),
             "bytesIn": s.bytes_in,
             "bytesOut": s.bytes_out,
             "seq": s.seq,
@@ -215,7 +216,7 @@ class SessionManager:
         self._counters["started"] += 1
         log.info("terminal session %r started: pid %d, %s, %dx%d, output to %s", session_id,
                  session.pid, " ".join(spec.argv), message.cols, message.rows, topic)
-        self._schedule_idle(session.last_activity + config.idle_timeout)
+        self._schedule_idle(session.last_input + config.idle_timeout)
 
     def _on_end(self, session: PtySession, reason: str) -> None:
         if self._sessions.get(session.id) is session:
@@ -303,11 +304,10 @@ class SessionManager:
         next_at: Optional[float] = None
         for session in list(self._sessions.values()):
             timeout = session.config.idle_timeout
-            deadline = session.last_activity + timeout
+            deadline = session.last_input + timeout
             if deadline <= now + 0.001:
-                log.info("terminal session %r: no input or output for %g s", session.id,
-                         timeout)
-                session.end(f"session idle for {timeout:g} s: closed", "idle",
+                log.info("terminal session %r: no input for %g s", session.id, timeout)
+                session.end(f"session idle (no input) for {timeout:g} s: closed", "idle",
                             idleTimeout=timeout)
             elif next_at is None or deadline < next_at:
                 next_at = deadline

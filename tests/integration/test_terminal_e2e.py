@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from tests.conftest import wait_online
+from tests.fuzz.procfs import comm
 from tests.helpers.apiclient import ApiClient
 from tests.helpers.bridge import BridgeProcess
 from tests.helpers.broker import Mosquitto
@@ -62,14 +63,6 @@ def state(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/stat") as handle:
             return handle.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return ""
-
-
-def comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as handle:
-            return handle.read().strip()
     except OSError:
         return ""
 
