@@ -120,6 +120,8 @@ def outcome_reply(req_id: Any, outcome: Outcome) -> bytes:
         return rpc_success(req_id, outcome.result, **extra)
     if outcome.exit_code is not None:
         extra["exitCode"] = outcome.exit_code
+    if outcome.signal is not None:
+        extra["signal"] = outcome.signal
     return rpc_error(req_id, outcome.error or "error", result=outcome.result,
                      stderr=outcome.stderr or None, **extra)
 

@@ -31,7 +31,7 @@ from spotfi_bridge.rpc.backend import (
     timeout_failure,
     ubus_failure,
 )
-from spotfi_bridge.rpc.child import run_child
+from spotfi_bridge.rpc.child import ArgumentTooLong, run_child
 from spotfi_bridge.rpc.ubus import decode_text
 
 Handler = Callable[[Call], Awaitable[Any]]
@@ -204,6 +204,8 @@ class LocalBackend:
         try:
             child = await run_child([executable, *params], timeout=call.timeout,
                                     output_cap=call.output_cap, env=environ)
+        except ArgumentTooLong as exc:
+            raise UbusError(UBUS_INVALID_ARGUMENT, f"file exec: {exc}; not run") from None
         except ValueError:  # NUL in an argument or the environment
             raise UbusError(UBUS_INVALID_ARGUMENT) from None
         stdout, stderr = decode_text(child.stdout), decode_text(child.stderr)

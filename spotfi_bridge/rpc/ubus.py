@@ -9,9 +9,11 @@ timed out, killed and reaped. So the binding is not used.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
+import signal
 from typing import Any, Optional
 
 from spotfi_bridge.config import RpcConfig
@@ -22,7 +24,7 @@ from spotfi_bridge.rpc.backend import (
     timeout_failure,
     ubus_failure,
 )
-from spotfi_bridge.rpc.child import run_child
+from spotfi_bridge.rpc.child import MAX_ARG_STRLEN, ArgumentTooLong, run_child
 
 
 def decode_text(data: bytes) -> str:
@@ -68,6 +70,11 @@ class UbusBackend:
             return ubus_failure(2, f"arguments cannot be encoded as JSON: {exc}")
         try:
             child = await run_child(argv, timeout=call.timeout, output_cap=call.output_cap)
+        except ArgumentTooLong as exc:
+            what = "args (as JSON)" if exc.index == len(argv) - 1 else "path or method"
+            return Outcome(error=f"{what} too large for ubus: {exc.size} bytes, over the "
+                                 f"kernel's limit of {MAX_ARG_STRLEN - 1} bytes for one "
+                                 "command-line argument (MAX_ARG_STRLEN); not run")
         except ValueError:  # NUL byte in path, method or args
             return ubus_failure(2, "path, method or args contain a NUL character")
         except UnicodeEncodeError:
@@ -75,19 +82,23 @@ class UbusBackend:
         except OSError as exc:
             return Outcome(error=f"cannot run {self.binary}: {exc.strerror or exc}")
         stderr = decode_text(child.stderr)
-        if child.timed_out or child.returncode == UBUS_TIMEOUT:
-            return timeout_failure(call.timeout, stderr, truncated=child.truncated,
-                                   exit_code=child.returncode)
+        stdout = parse_stdout(child.stdout)
+        if child.timed_out:
+            return timeout_failure(call.timeout, stderr, truncated=child.truncated)
+        if child.signal is not None:
+            return Outcome(result=stdout, error=f"ubus killed by signal {child.signal} "
+                                                f"({signal_name(child.signal)})",
+                           stderr=stderr, signal=child.signal, truncated=child.truncated)
         if child.returncode != 0:
-            status = child.returncode if child.returncode is not None else -1
-            outcome = ubus_failure(status, stderr, truncated=child.truncated)
-            if status > 128:
-                outcome = ubus_failure(status, stderr, truncated=child.truncated,
-                                       error=f"ubus killed by signal {status - 128}")
-            stdout = parse_stdout(child.stdout)
-            if stdout is not None:
-                return Outcome(result=stdout, error=outcome.error, stderr=stderr,
-                               exit_code=status, truncated=child.truncated)
-            return outcome
-        return Outcome(result=parse_stdout(child.stdout), stderr=stderr,
-                       exit_code=0, truncated=child.truncated)
+            outcome = ubus_failure(child.returncode, stderr, truncated=child.truncated)
+            # ubus's own timeout (-t, or an object that never answered): its status, its words
+            return dataclasses.replace(outcome, result=stdout,
+                                       timed_out=child.returncode == UBUS_TIMEOUT)
+        return Outcome(result=stdout, stderr=stderr, exit_code=0, truncated=child.truncated)
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "unknown signal"

@@ -57,7 +57,9 @@ case "$path.$method" in
   huge.stderr) head -c 3000000 /dev/zero | tr '\0' 'e' >&2; echo '{}' ;;
   fail.denied) echo "access denied by ACL" >&2; exit 6 ;;
   fail.invalid) exit 2 ;;
-  fail.timeout) exit 7 ;;
+  fail.timeout) sleep 0.01; exit 7 ;;
+  fail.unreachable) exit 255 ;;
+  fail.killed) kill -TERM $$ ;;
   fail.partial) echo '{"partial":true}'; exit 9 ;;
   fail.weird) exit 42 ;;
   *) exit 4 ;;
