@@ -72,6 +72,19 @@ class Call:
 
 
 @dataclass(frozen=True)
+class ServiceAction:
+    """``/etc/init.d/NAME ACTION``: what the compat layer runs for the API's
+    ``service ACTION {"name": NAME}``, which procd's ``service`` object does not have."""
+
+    name: str
+    action: str
+    #: the init script, checked to exist directly under the init directory
+    script: str
+    timeout: float
+    output_cap: int
+
+
+@dataclass(frozen=True)
 class Outcome:
     """The result of a call; ``error`` is ``None`` on success."""
 
@@ -124,6 +137,11 @@ class Backend(Protocol):
     async def call(self, call: Call) -> Outcome:
         """Run one call. Never raises for a failed call (only on cancellation, after the
         call's children are killed and reaped)."""
+        ...
+
+    async def service(self, action: ServiceAction) -> Outcome:
+        """Run (or emulate) an init script action for the compat layer; same rules as
+        :meth:`call`."""
         ...
 
     def reconfigure(self, config: RpcConfig) -> None:

@@ -111,6 +111,28 @@ async def _wait(future: asyncio.Future[None], timeout: float) -> bool:
     return bool(done)
 
 
+def spawn_detached(argv: Sequence[str]) -> int:
+    """Start ``argv`` in its own session with no pipe to us and never kill it: it must outlive
+    the bridge (an init script that stops or restarts the bridge itself). Reaped through a
+    pidfd if the bridge outlives it, else by init. Raises ``OSError`` when it cannot start."""
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+                            env=child_environment())
+    loop = asyncio.get_running_loop()
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # no pidfd: subprocess reaps it at a later Popen
+        return proc.pid
+
+    def reap() -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        proc.wait()
+
+    loop.add_reader(pidfd, reap)
+    return proc.pid
+
+
 async def run_child(argv: Sequence[str], *, timeout: float, output_cap: int,
                     env: Optional[Mapping[str, str]] = None) -> ChildResult:
     """Run ``argv`` (never through a shell). Raises ``OSError`` when it cannot start,

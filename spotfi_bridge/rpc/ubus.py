@@ -1,4 +1,5 @@
-"""The real backend: one ``ubus call`` child per request.
+"""The real backend: one ``ubus call`` child per request, and the init scripts the
+compat layer runs for ``service ACTION {name}`` (rpc/compat.py).
 
 Why the CLI and not the ``ubus`` Python binding: the binding's ``call`` blocks
 the calling thread until ubusd answers (up to the call's timeout), so it would
@@ -9,8 +10,10 @@ timed out, killed and reaped. So the binding is not used.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import logging
 import math
 import shutil
 import signal
@@ -21,10 +24,14 @@ from spotfi_bridge.rpc.backend import (
     UBUS_TIMEOUT,
     Call,
     Outcome,
+    ServiceAction,
     timeout_failure,
     ubus_failure,
 )
-from spotfi_bridge.rpc.child import MAX_ARG_STRLEN, ArgumentTooLong, run_child
+from spotfi_bridge.rpc.child import MAX_ARG_STRLEN, ArgumentTooLong, run_child, spawn_detached
+from spotfi_bridge.rpc.compat import SELF_ENDING_ACTIONS, SELF_SERVICE
+
+logger = logging.getLogger("spotfi_bridge.rpc")
 
 
 def decode_text(data: bytes) -> str:
@@ -95,6 +102,72 @@ class UbusBackend:
             return dataclasses.replace(outcome, result=stdout,
                                        timed_out=child.returncode == UBUS_TIMEOUT)
         return Outcome(result=stdout, stderr=stderr, exit_code=0, truncated=child.truncated)
+
+    async def service(self, action: ServiceAction) -> Outcome:
+        """``/etc/init.d/N ACTION``; ``status`` asks procd and the script's ``enabled``."""
+        if action.action == "status":
+            return await self._service_status(action)
+        if action.name == SELF_SERVICE and action.action in SELF_ENDING_ACTIONS:
+            return Outcome(result={"name": action.name, "action": action.action,
+                                   "scheduled": True}, exit_code=0,
+                           after_reply=lambda: act_on_self(action))
+        return await run_init_script(action, action.action, action.timeout)
+
+    async def _service_status(self, action: ServiceAction) -> Outcome:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + action.timeout
+        procd = await self.call(Call("service", "list", {"name": action.name}, action.timeout,
+                                     action.output_cap))
+        if not procd.ok:
+            return procd
+        entry = procd.result.get(action.name) if isinstance(procd.result, dict) else None
+        instances = entry.get("instances") if isinstance(entry, dict) else None
+        instances = instances if isinstance(instances, dict) else {}
+        enabled = await run_init_script(action, "enabled", max(0.1, deadline - loop.time()))
+        if enabled.timed_out or enabled.signal is not None or enabled.result is None:
+            return enabled
+        running = any(isinstance(i, dict) and i.get("running") is True
+                      for i in instances.values())
+        return Outcome(result={"name": action.name, "running": running,
+                               "enabled": enabled.result["code"] == 0,
+                               "instances": instances}, exit_code=0)
+
+
+async def run_init_script(action: ServiceAction, verb: str, timeout: float) -> Outcome:
+    """``script verb`` as a child; the reply carries its exit code and output, and is an
+    error when it did not exit 0 (except ``enabled``, whose status is its answer)."""
+    command = f"{action.script} {verb}"
+    try:
+        child = await run_child([action.script, verb], timeout=timeout,
+                                output_cap=action.output_cap)
+    except OSError as exc:
+        return Outcome(error=f"cannot run {command}: {exc.strerror or exc}")
+    stdout, stderr = decode_text(child.stdout), decode_text(child.stderr)
+    if child.timed_out:
+        return timeout_failure(timeout, stderr, truncated=child.truncated)
+    if child.signal is not None:
+        return Outcome(error=f"{command} killed by signal {child.signal} "
+                             f"({signal_name(child.signal)})", stderr=stderr,
+                       signal=child.signal, truncated=child.truncated)
+    result = {"name": action.name, "action": verb, "code": child.returncode,
+              "stdout": stdout, "stderr": stderr}
+    if child.returncode != 0 and verb != "enabled":
+        return Outcome(result=result, error=f"{command} failed with exit status "
+                                            f"{child.returncode}",
+                       exit_code=child.returncode, truncated=child.truncated)
+    return Outcome(result=result, exit_code=0, truncated=child.truncated)
+
+
+def act_on_self(action: ServiceAction) -> None:
+    """After the reply left: the script stops or restarts us, so it runs detached."""
+    try:
+        pid = spawn_detached([action.script, action.action])
+    except OSError as exc:
+        logger.error("rpc: cannot run %s %s: %s", action.script, action.action,
+                     exc.strerror or exc)
+        return
+    logger.warning("rpc: %s %s started (pid %d) after its reply", action.script, action.action,
+                   pid)
 
 
 def signal_name(number: int) -> str:
