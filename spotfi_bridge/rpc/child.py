@@ -145,7 +145,7 @@ async def run_child(argv: Sequence[str], *, timeout: float, output_cap: int,
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     protocol = _ChildProtocol(loop, output_cap)
-    transport, _ = await loop.subprocess_exec(
+    starting = asyncio.ensure_future(loop.subprocess_exec(
         lambda: protocol,
         *argv,
         stdin=subprocess.DEVNULL,
@@ -154,7 +154,19 @@ async def run_child(argv: Sequence[str], *, timeout: float, output_cap: int,
         start_new_session=True,
         close_fds=True,
         env=dict(env) if env is not None else child_environment(),
-    )
+    ))
+    try:
+        transport, _ = await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        # cancelled while asyncio connects the pipes: its own clean-up then kills only the
+        # leader (a grandchild lives on) and, on 3.11, can wait for it forever. Let the start
+        # finish, then end the group as for any cancellation.
+        with contextlib.suppress(Exception):
+            transport, _ = await starting
+            kill_group(transport.get_pid())
+            await asyncio.shield(protocol.exited)
+            transport.close()
+        raise
     pid = transport.get_pid()
     timed_out = False
     try:
