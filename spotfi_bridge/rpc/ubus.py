@@ -93,9 +93,8 @@ class UbusBackend:
         if child.timed_out:
             return timeout_failure(call.timeout, stderr, truncated=child.truncated)
         if child.signal is not None:
-            return Outcome(result=stdout, error=f"ubus killed by signal {child.signal} "
-                                                f"({signal_name(child.signal)})",
-                           stderr=stderr, signal=child.signal, truncated=child.truncated)
+            return dataclasses.replace(killed("ubus", child.signal, stderr, child.truncated),
+                                       result=stdout)
         if child.returncode != 0:
             outcome = ubus_failure(child.returncode, stderr, truncated=child.truncated)
             # ubus's own timeout (-t, or an object that never answered): its status, its words
@@ -146,9 +145,7 @@ async def run_init_script(action: ServiceAction, verb: str, timeout: float) -> O
     if child.timed_out:
         return timeout_failure(timeout, stderr, truncated=child.truncated)
     if child.signal is not None:
-        return Outcome(error=f"{command} killed by signal {child.signal} "
-                             f"({signal_name(child.signal)})", stderr=stderr,
-                       signal=child.signal, truncated=child.truncated)
+        return killed(command, child.signal, stderr, child.truncated)
     result = {"name": action.name, "action": verb, "code": child.returncode,
               "stdout": stdout, "stderr": stderr}
     if child.returncode != 0 and verb != "enabled":
@@ -170,8 +167,11 @@ def act_on_self(action: ServiceAction) -> None:
                    pid)
 
 
-def signal_name(number: int) -> str:
+def killed(command: str, number: int, stderr: str, truncated: bool) -> Outcome:
+    """A child that a signal ended: it has no exit status, so the reply has no exitCode."""
     try:
-        return signal.Signals(number).name
+        name = signal.Signals(number).name
     except ValueError:
-        return "unknown signal"
+        name = "unknown signal"
+    return Outcome(error=f"{command} killed by signal {number} ({name})", stderr=stderr,
+                   signal=number, truncated=truncated)
