@@ -12,6 +12,7 @@ Policy (``allow``/``deny``) and timeouts apply to the API's call as it was asked
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections import Counter
@@ -20,6 +21,8 @@ from typing import Any, Optional, Union
 
 from spotfi_bridge.config import RpcConfig
 from spotfi_bridge.rpc.backend import Backend, Call, Outcome, ServiceAction
+
+logger = logging.getLogger("spotfi_bridge.rpc")
 
 #: our own init script: acting on it (stop, restart...) would end us before the reply
 SELF_SERVICE = "spotfi-bridge"
@@ -110,6 +113,7 @@ class CompatBackend:
         if rule is not None:
             self.used[rule.name] += 1
         if isinstance(target, Outcome):
+            logger.warning("rpc: %s.%s refused: %s", call.path, call.method, target.error)
             return target
         if isinstance(target, ServiceAction):
             return await self.inner.service(target)

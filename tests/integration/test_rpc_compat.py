@@ -102,11 +102,12 @@ def test_services_page_runs_init_scripts(api: ApiClient,
 def test_names_that_are_not_a_script_in_init_d_are_refused(
         api: ApiClient, make_bridge: Callable[..., BridgeProcess], tmp_path: Path,
         name: str) -> None:
-    _, state = start(make_bridge, tmp_path)
+    bridge, state = start(make_bridge, tmp_path)
     wait_online(api)
     reply = api.rpc(ROUTER, "service", "restart", {"name": name})
     assert reply["status"] == "error" and reply["error"].startswith("service restart: ")
     assert ("no such service" if name == "nosuch" else "invalid service name") in reply["error"]
+    bridge.wait_log(f"service.restart refused: {reply['error']}")
     assert actions(state) == []
 
 
