@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import psutil
 import pytest
 
-from spotfi_bridge.rpc.child import MAX_ARG_STRLEN, ArgumentTooLong, run_child
+from spotfi_bridge.rpc.child import MAX_ARG_STRLEN, ArgumentTooLong, run_child, spawn_detached
 from tests.helpers.fake_ubus import process_gone, run
-from tests.helpers.wait import wait_for
+from tests.helpers.wait import until, wait_for
 
 SCRIPT = 'sleep 300 & echo $! > "$0"; wait'
 
@@ -58,3 +59,15 @@ def test_death_by_signal_is_told_apart_from_an_exit_status() -> None:
         return killed.returncode, killed.signal, exited.returncode, exited.signal
 
     assert run(body) == (143, 15, 143, None)
+
+
+def test_a_detached_child_is_reaped_when_it_ends_before_us(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+
+    async def body() -> None:
+        pid = spawn_detached(["/bin/sh", "-c", f': > "{marker}"'])
+        assert os.getsid(pid) == pid  # its own session: our process group's fate is not its
+        await until(lambda: psutil.Process().children() == [], "the detached child reaped", 10)
+
+    run(body)
+    assert marker.exists()
