@@ -25,26 +25,33 @@ def start(make_bridge: Callable[..., BridgeProcess], tmp_path: Path, **env: str)
                      "SPOTFI_RPC_BACKEND": "ubus", **env})
 
 
-def test_ubus_statuses_keep_their_meaning(api: ApiClient,
-                                          make_bridge: Callable[..., BridgeProcess],
-                                          tmp_path: Path) -> None:
+def test_silent_exit_255_is_ubusd_unreachable_not_a_signal(
+        api: ApiClient, make_bridge: Callable[..., BridgeProcess], tmp_path: Path) -> None:
     start(make_bridge, tmp_path)
     wait_online(api)
-
     silent = api.rpc(ROUTER, "fail", "unreachable")
     assert silent["status"] == "error"
     assert silent["error"] == "Failed to connect to ubus or to parse message data"
     assert silent["exitCode"] == 255 and "signal" not in silent
 
+
+def test_ubus_own_timeout_status_is_not_our_timeout(
+        api: ApiClient, make_bridge: Callable[..., BridgeProcess], tmp_path: Path) -> None:
+    start(make_bridge, tmp_path)
+    wait_online(api)
     own_timeout = api.rpc(ROUTER, "fail", "timeout")  # status 7 after 10 ms, not after 30 s
     assert own_timeout["error"] == "Request timed out" and own_timeout["exitCode"] == 7
+    not_found = api.rpc(ROUTER, "hostapd", "wlan9/get_status", {})
+    assert not_found["error"] == "Not found" and not_found["exitCode"] == 4
 
+
+def test_death_by_signal_is_reported_as_one_without_an_exit_status(
+        api: ApiClient, make_bridge: Callable[..., BridgeProcess], tmp_path: Path) -> None:
+    start(make_bridge, tmp_path)
+    wait_online(api)
     killed = api.rpc(ROUTER, "fail", "killed")
     assert killed["error"] == "ubus killed by signal 15 (SIGTERM)"
     assert killed["signal"] == 15 and "exitCode" not in killed
-
-    not_found = api.rpc(ROUTER, "hostapd", "wlan9/get_status", {})
-    assert not_found["error"] == "Not found" and not_found["exitCode"] == 4
 
 
 def test_args_over_the_kernel_limit_are_refused_before_exec(
