@@ -107,6 +107,10 @@ class RpcConfig:
     #: a client that publishes past its packet limit (EMQX: 1 MB by default), and the
     #: QoS 1 resend after the reconnect would do it again, forever
     max_reply_bytes: int = 1_000_000
+    #: map the API's calls that real ubus does not answer to what does (rpc/compat.py)
+    compat: bool = True
+    #: where the compat layer's ``service ACTION {name}`` finds init scripts (tests move it)
+    init_dir: str = "/etc/init.d"
 
     def timeout_for(self, path: str, method: str) -> float:
         name = f"{path}.{method}"
@@ -241,6 +245,12 @@ def _argv(value: Any) -> tuple[str, ...]:
     raise _Invalid
 
 
+def _absolute_dir(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or "\x00" in value:
+        raise _Invalid
+    return value.rstrip("/") or "/"
+
+
 def _router_id(value: Any) -> str:
     if not isinstance(value, str) or router_id_problem(value) is not None:
         raise _Invalid
@@ -314,6 +324,8 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "log_file": _Key("a path", _string),
         "max_reply_bytes": _Key("an integer from 4096 to 268435455 (bytes; keep it under the "
                                 "broker's maximum packet size)", _number(4096, 268435455, True)),
+        "compat": _Key("true or false", parse_bool),
+        "init_dir": _Key("an absolute path to a directory", _absolute_dir),
     },
     "terminal": {
         "shell": _Key("a command line or a list of strings", _argv),

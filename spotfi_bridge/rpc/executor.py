@@ -26,6 +26,7 @@ from spotfi_bridge.protocol import ParseError, RpcRequest, parse_rpc_request, rp
 from spotfi_bridge.publish import Publisher
 from spotfi_bridge.rpc import bridge_ns
 from spotfi_bridge.rpc.backend import Backend, Call, Outcome
+from spotfi_bridge.rpc.compat import CompatBackend
 from spotfi_bridge.rpc.dedup import DedupTable, id_key
 
 logger = logging.getLogger("spotfi_bridge.rpc")
@@ -120,6 +121,8 @@ def outcome_reply(req_id: Any, outcome: Outcome) -> bytes:
         return rpc_success(req_id, outcome.result, **extra)
     if outcome.exit_code is not None:
         extra["exitCode"] = outcome.exit_code
+    if outcome.signal is not None:
+        extra["signal"] = outcome.signal
     return rpc_error(req_id, outcome.error or "error", result=outcome.result,
                      stderr=outcome.stderr or None, **extra)
 
@@ -170,7 +173,9 @@ class RpcExecutor:
         self._config = config
         self._publish = publish
         self._topic = response_topic
-        self._backend = backend
+        # the one compat hook: the API's calls that real ubus does not answer become ones it
+        # does (or init script actions) on their way to the backend; see rpc/compat.py
+        self._backend = CompatBackend(backend, config)
         self._clock = clock
         self._started = time.monotonic()
         self._dedup = DedupTable(config.dedup_window, time.monotonic,
@@ -436,24 +441,28 @@ class RpcExecutor:
                               f"{limit}-byte limit; ask for less (fewer lines, a smaller file)",
                               result={"size": len(reply), "limit": limit}, truncated=True)
         self._dedup.remember(key, reply)
-        self._send(reply)
+        self._send(reply, outcome.after_reply)
 
-    def _send(self, reply: bytes) -> None:
+    def _send(self, reply: bytes, after: Optional[Callable[[], None]] = None) -> None:
+        """Publish ``reply``; ``after`` runs once it has left, or at once if it cannot leave
+        (the caller asked for that action: a lost reply must not cancel it)."""
         try:
-            accepted = self._publish(self._topic, reply, qos=1)
+            accepted = self._publish(self._topic, reply, qos=1, on_sent=after)
         except Exception:  # a link bug must not stall the queue behind this reply
             self._counts["internal"] += 1
             logger.exception("rpc: publishing a reply of %d bytes failed", len(reply))
-            return
-        if not accepted:
+            accepted = None
+        if accepted is False:
             self._counts["publish_refused"] += 1
             logger.warning("rpc: reply of %d bytes refused by the link (outbox full), lost",
                            len(reply))
+        if not accepted and after is not None:
+            after()
 
     def _limits(self) -> dict[str, Any]:
         return {"running": len(self._running), "queued": len(self._queue),
                 "max_concurrent": self._config.max_concurrent,
-                "queue_size": self._config.queue_size}
+                "queue_size": self._config.queue_size, "compat": self._backend.describe()}
 
     def _wake_idle(self) -> None:
         waiters, self._idle_waiters = self._idle_waiters, []

@@ -362,6 +362,9 @@ TOML_ERRORS = [
     ("rpc", "timeouts", '{ "file.exec" = "slow" }', "glob = seconds"),
     ("rpc", "timeouts", '{ "file.exec" = 0 }', "glob = seconds"),
     ("rpc", "timeouts", "5", "glob = seconds"),
+    ("rpc", "compat", '"sometimes"', "true or false"),
+    ("rpc", "init_dir", '"etc/init.d"', "an absolute path"),
+    ("rpc", "init_dir", "1", "an absolute path"),
     ("terminal", "shell", "[]", "command line"),
     ("terminal", "shell", '["/bin/sh", 3]', "command line"),
     ("terminal", "shell", '"sh \\"unterminated"', "command line"),
@@ -401,6 +404,8 @@ ENV_ERRORS = [
     ("SPOTFI_RPC_TIMEOUTS", "file.exec=slow", "glob = seconds"),
     ("SPOTFI_RPC_TIMEOUTS", "file.exec=4000", "glob = seconds"),
     ("SPOTFI_RPC_MAX_CONCURRENT", "0", "1 to 64"),
+    ("SPOTFI_RPC_COMPAT", "maybe", "true or false"),
+    ("SPOTFI_RPC_INIT_DIR", "init.d", "an absolute path"),
     ("SPOTFI_TERMINAL_SHELL", 'sh "x', "command line"),
     ("SPOTFI_LOG_LEVEL", "loud", '"debug"'),
 ]
