@@ -446,6 +446,55 @@ def _file_mode_warning(path: str, secret_inside: bool) -> Optional[str]:
     return None
 
 
+def _no_password() -> bytes:
+    """An encrypted key is refused at once instead of OpenSSL asking for a pass phrase."""
+    return b""
+
+
+def check_tls_files(tls: TlsConfig, where: Callable[[str], str]) -> None:
+    """Load the CA file, the client certificate and its key as the link will, so a file that
+    is not what it should be is a config error now rather than a link that dies later.
+
+    ``where(key)`` names the file or variable that set ``[tls] key``."""
+    if not (tls.ca_file or tls.cert_file):
+        return
+    import ssl  # only routers with TLS files pay for it here
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if tls.ca_file:
+        try:
+            context.load_verify_locations(cafile=tls.ca_file)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ConfigError(f"{where('ca_file')}: [tls] ca_file = {tls.ca_file!r} is invalid: "
+                              f"expected a file of PEM certificates (-----BEGIN CERTIFICATE-----)"
+                              f"; {_ssl_reason(exc)}") from None
+    if not tls.cert_file:
+        return
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=tls.cert_file)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError(f"{where('cert_file')}: [tls] cert_file = {tls.cert_file!r} is "
+                          f"invalid: expected a PEM client certificate "
+                          f"(-----BEGIN CERTIFICATE-----); {_ssl_reason(exc)}") from None
+    try:
+        context.load_cert_chain(tls.cert_file, tls.key_file or None, password=_no_password)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        key, path = ("key_file", tls.key_file) if tls.key_file else ("cert_file", tls.cert_file)
+        if "KEY_VALUES_MISMATCH" in str(exc):
+            expected = f"the private key of the certificate in {tls.cert_file}"
+            problem = "does not match cert_file"
+        else:
+            expected = "an unencrypted PEM private key (-----BEGIN PRIVATE KEY-----)"
+            problem = "is invalid"
+        raise ConfigError(f"{where(key)}: [tls] {key} = {path!r} {problem}: expected "
+                          f"{expected}; {_ssl_reason(exc)}") from None
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+    return f"OpenSSL says: {reason}"
+
+
 def parse_broker_url(url: str) -> BrokerAddress:
     """Raises ``_Invalid`` (turned into a ConfigError by the caller) on a bad URL."""
     text = url.strip()
@@ -583,6 +632,7 @@ def _build(raw: _Raw, sources: tuple[str, ...], warnings: tuple[str, ...]) -> Co
     if bool(tls.cert_file) != bool(tls.key_file) and not tls.cert_file:
         raise ConfigError(f"{raw[('tls', 'key_file')][1]}: [tls] key_file is set without "
                           f"cert_file: expected both or neither")
+    check_tls_files(tls, lambda key: str(raw[("tls", key)][1]))
     rpc_values = _section(raw, "rpc")
     if "timeouts" in rpc_values:  # the user's patterns first; built-in ones still apply after
         user = rpc_values["timeouts"]
