@@ -128,6 +128,14 @@ class TerminalConfig:
 
 
 @dataclass(frozen=True)
+class UpdateConfig:
+    #: a package download larger than this is refused (and deleted)
+    max_bytes: int = 16 * 1024 * 1024
+    #: how long the update helper waits for the new bridge to connect before rolling back
+    confirm_timeout: float = 120.0
+
+
+@dataclass(frozen=True)
 class Config:
     router: RouterConfig
     mqtt: MqttConfig
@@ -135,6 +143,7 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     rpc: RpcConfig = RpcConfig()
     terminal: TerminalConfig = TerminalConfig()
+    update: UpdateConfig = UpdateConfig()
     log_level: str = "info"
     #: files that were read, in order; for check-config and the start-up log line
     sources: tuple[str, ...] = ()
@@ -320,6 +329,11 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "batch_delay_ms": _Key("a number from 0 to 1000", _number(0, 1000)),
         "outbox_bytes": _Key("an integer from 65536 to 67108864", _number(65536, 64 << 20, True)),
         "qos": _Key("0 or 1", _number(0, 1, True)),
+    },
+    "update": {
+        "max_bytes": _Key("an integer from 65536 to 268435456 (bytes)",
+                          _number(65536, 256 << 20, True)),
+        "confirm_timeout": _Key("a number from 5 to 3600 (seconds)", _number(5, 3600)),
     },
     "log": {
         "level": _Key('"debug", "info", "warning" or "error"',
@@ -659,6 +673,7 @@ def _build(raw: _Raw, sources: tuple[str, ...], warnings: tuple[str, ...]) -> Co
         metrics=MetricsConfig(**_section(raw, "metrics")),
         rpc=rpc,
         terminal=TerminalConfig(**_section(raw, "terminal")),
+        update=UpdateConfig(**_section(raw, "update")),
         log_level=log_values.get("level", "info"),
         sources=sources,
         warnings=warnings,

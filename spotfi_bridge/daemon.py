@@ -21,6 +21,7 @@ from spotfi_bridge.metrics import MetricsCollector, MetricsPublisher
 from spotfi_bridge.protocol import Topics
 from spotfi_bridge.rpc import RpcExecutor, make_backend
 from spotfi_bridge.terminal import SessionManager
+from spotfi_bridge.update import UpdatePaths, Updater
 
 log = logging.getLogger("spotfi_bridge.daemon")
 
@@ -51,6 +52,7 @@ class Daemon:
         config = self.config
         self.topics = Topics(config.router.id)
         self.link = MqttLink(config, self._dispatch, on_connected=self._on_connected)
+        self.updater = Updater(config.update, UpdatePaths.from_environ(os.environ))
         self._build_workers(config)
         self.collector = MetricsCollector(extra=self._metrics_extra)
         self.metrics = MetricsPublisher(self.collector, self._publish_metrics,
@@ -123,7 +125,8 @@ class Daemon:
         self.terminal = SessionManager(config.terminal, self.link.publish, self.topics)
         self.rpc = RpcExecutor(config.rpc, self.link.publish, self.topics.rpc_response, backend,
                                info=self.info, sessions=self.terminal.sessions,
-                               secrets=lambda: (self.config.router.token,))
+                               secrets=lambda: (self.config.router.token,),
+                               update=self.updater.start)
 
     async def shutdown(self) -> None:
         """Sessions end (each told why), RPC children die, OFFLINE goes out, then disconnect."""
@@ -155,6 +158,7 @@ class Daemon:
             log.debug("ignored a message on unexpected topic %s", topic)
 
     def _on_connected(self) -> None:
+        self.updater.mark_connected()
         self.metrics.on_connected()
 
     def _publish_metrics(self, payload: bytes) -> bool:
@@ -179,6 +183,7 @@ class Daemon:
             "metrics": {"sent": self.metrics.sent, "skipped": self.metrics.skipped,
                         "interval": self.metrics.interval},
             "daemon": dict(self.stats),
+            "update": self.updater.info(),
         }
 
     # ------------------------------------------------------------------ reload
@@ -218,6 +223,7 @@ class Daemon:
             self.rpc.reconfigure(config.rpc)
             self.terminal.reconfigure(config.terminal)
         self.metrics.interval = config.metrics.interval
+        self.updater.config = config.update
         changed = self.link.reconfigure(config)
         self.config = config
         log.info("config reloaded%s", " (reconnecting)" if changed else "")

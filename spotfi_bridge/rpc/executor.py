@@ -19,7 +19,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Optional
 
 from spotfi_bridge.config import RpcConfig
 from spotfi_bridge.protocol import ParseError, RpcRequest, parse_rpc_request, rpc_error, rpc_success
@@ -31,6 +31,8 @@ from spotfi_bridge.rpc.dedup import DedupTable, id_key
 logger = logging.getLogger("spotfi_bridge.rpc")
 
 BRIDGE_OBJECT = "bridge"
+#: the one ``bridge`` method that runs as a job (it downloads): the others answer at once
+BRIDGE_UPDATE = "update"
 ERROR_BUSY = "busy"
 ERROR_EXPIRED = "expired"
 ERROR_SHUTDOWN = "cancelled: bridge shutting down"
@@ -150,6 +152,10 @@ def _no_secrets() -> Iterable[str]:
     return ()
 
 
+#: ``bridge update``: (args, timeout) -> outcome
+Updater = Callable[[Mapping[str, Any], float], Awaitable[Outcome]]
+
+
 class RpcExecutor:
     def __init__(
         self,
@@ -161,6 +167,7 @@ class RpcExecutor:
         sessions: Callable[[], list[dict[str, Any]]] = _no_sessions,
         *,
         secrets: Callable[[], Iterable[str]] = _no_secrets,
+        update: Optional[Updater] = None,
         clock: Callable[[], float] = time.time,
         dedup_max_entries: int = 4096,
         dedup_max_bytes: int = 2 * 1024 * 1024,
@@ -171,6 +178,7 @@ class RpcExecutor:
         self._publish = publish
         self._topic = response_topic
         self._backend = backend
+        self._update = update
         self._clock = clock
         self._started = time.monotonic()
         self._dedup = DedupTable(config.dedup_window, time.monotonic,
@@ -278,7 +286,8 @@ class RpcExecutor:
         if problem is not None:
             self._answer(key, req_id, Outcome(error=problem))
             return
-        if parsed.path == BRIDGE_OBJECT:
+        if parsed.path == BRIDGE_OBJECT and not (parsed.method == BRIDGE_UPDATE and
+                                                 self._update is not None):
             self._answer(key, req_id, self._bridge_answer(parsed))
             return
         job = _Job(key, parsed, Call(parsed.path, parsed.method, parsed.args,
@@ -384,7 +393,10 @@ class RpcExecutor:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            outcome = await self._backend.call(job.call)
+            if job.call.path == BRIDGE_OBJECT and self._update is not None:
+                outcome = await self._update(job.call.args, job.call.timeout)
+            else:
+                outcome = await self._backend.call(job.call)
         except asyncio.CancelledError:
             self._finish(job, Outcome(error=ERROR_SHUTDOWN))
             raise

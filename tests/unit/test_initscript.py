@@ -18,6 +18,7 @@ from typing import Optional
 
 import pytest
 
+from tests.helpers.router import RC_COMMON
 from tests.unit.test_packaging import load_builder, shell
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,42 +55,6 @@ procd_kill() { _rec procd_kill "$@"; }
 procd_running() { _rec procd_running "$@"; [ "${STUB_RUNNING:-0}" = 1 ]; }
 """
 
-RC_COMMON = r"""
-# stand-in for /etc/rc.common (procd part), after OpenWrt's
-initscript=$1
-action=${2:-help}
-shift 2
-
-extra_command() { EXTRA_COMMANDS="${EXTRA_COMMANDS} $1"; }
-start_service() { return 0; }
-stop_service() { return 0; }
-service_triggers() { return 0; }
-enable() { echo "rc.common	enable" >> "$STUB_LOG"; }
-disable() { echo "rc.common	disable" >> "$STUB_LOG"; }
-enabled() { [ "${STUB_ENABLED:-0}" = 1 ]; }
-restart() { stop "$@"; start "$@"; }
-
-. "$initscript"
-
-[ -n "$USE_PROCD" ] || { echo "stub rc.common: USE_PROCD not set" >&2; exit 90; }
-. "$STUB_PROCD_SH"
-rc_procd() {
-	procd_open_service "$(basename "$initscript")" "$initscript"
-	"$@"
-	procd_close_service set
-}
-start() { rc_procd start_service "$@"; }
-stop() { stop_service "$@"; procd_kill "$(basename "$initscript")" "$1"; }
-reload() {
-	if type reload_service >/dev/null 2>&1; then reload_service "$@"; else start; fi
-}
-
-case " start stop reload restart enable disable enabled ${EXTRA_COMMANDS} " in
-*" $action "*) ;;
-*) echo "stub rc.common: unknown command $action" >&2; exit 91 ;;
-esac
-$action "$@"
-"""
 
 FAKE_PROG = r"""#!/bin/sh
 # spotfi-bridge-python-launcher
