@@ -329,7 +329,10 @@ class RpcExecutor:
             return problem
         name = f"{request.path}.{request.method}"
         denied = any(fnmatch.fnmatchcase(name, pattern) for pattern in self._config.deny)
-        if not denied and self._config.allow and request.path != BRIDGE_OBJECT:
+        # the bridge's own diagnostics are always allowed; its update (a package installed
+        # as root) only when an allow list names it
+        if not denied and self._config.allow and (request.path != BRIDGE_OBJECT or
+                                                  request.method == BRIDGE_UPDATE):
             denied = not any(fnmatch.fnmatchcase(name, pattern) for pattern in self._config.allow)
         if denied:
             self._counts["denied"] += 1

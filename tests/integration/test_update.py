@@ -12,6 +12,7 @@ import http.server
 import json
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -151,7 +152,8 @@ def _accepted(api: ApiClient, router: ScratchRouter, url: str, digest: str) -> d
 # --------------------------------------------------------------------------- refusals
 
 def test_a_checksum_mismatch_is_refused_and_nothing_changes(
-        api: ApiClient, router: ScratchRouter, served: tuple[Server, Path]) -> None:
+        api: ApiClient, broker: Mosquitto, router: ScratchRouter,
+        served: tuple[Server, Path]) -> None:
     server, directory = served
     wait_online(api)
     before = _info(api)
@@ -164,6 +166,14 @@ def test_a_checksum_mismatch_is_refused_and_nothing_changes(
     assert after["update"] == {}
     assert list((router.root / "tmp").iterdir()) == []  # the download is gone
     assert (router.root / "opkg.log").read_text() == f"install spotfi-bridge {OLD}-1\n"
+    # the same through spotfi-bridge-ctl: exit status 1 and the router's words
+    ctl = subprocess.run([sys.executable, "-m", "spotfi_bridge.ctl", "--broker", broker.url,
+                          "--router", ROUTER, "update", server.url("new.ipk"), "--sha256",
+                          "1" * 64], capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT),
+                              "HOME": str(router.root)})
+    assert ctl.returncode == 1, ctl.stderr
+    assert "sha256 mismatch: expected " + "1" * 64 in ctl.stderr
 
 
 @pytest.mark.parametrize("router", ["[update]\nmax_bytes = 65536\n"], indirect=True)
