@@ -348,7 +348,11 @@ class Updater:
         return request
 
     def mark_connected(self) -> None:
-        """After every CONNACK: the helper waits for this file, from a new pid."""
+        """After every CONNACK while an update waits for it: the helper waits for this file,
+        from a new pid. With no update under way nothing is written (a development machine's
+        /var/run stays as it was)."""
+        if self.info().get("state") not in BUSY_STATES:
+            return
         try:
             os.makedirs(os.path.dirname(self.paths.marker), exist_ok=True)
             _write_text(self.paths.marker, f"{os.getpid()} {__version__}\n")

@@ -164,6 +164,8 @@ def test_a_checksum_mismatch_is_refused_and_nothing_changes(
     after = _info(api)
     assert (after["pid"], after["version"]) == (before["pid"], OLD)
     assert after["update"] == {}
+    # no update under way: the bridge wrote no connected marker
+    assert not (router.root / "var/run/spotfi-bridge.connected").exists()
     assert list((router.root / "tmp").iterdir()) == []  # the download is gone
     assert (router.root / "opkg.log").read_text() == f"install spotfi-bridge {OLD}-1\n"
     # the same through spotfi-bridge-ctl: exit status 1 and the router's words
