@@ -65,6 +65,7 @@ class Daemon:
         log.info("spotfi-bridge %s starting: router %s, broker %s, rpc backend %s, config from %s",
                  __version__, config.router.id, _public_url(config), self.rpc_backend_name,
                  ", ".join(config.sources) or "environment only")
+        self.updater.log_last()
         long_lived = [self._supervise(loop.create_task(self.link.run(), name="link")),
                       self._supervise(loop.create_task(self._reloader(), name="reload"))]
         await self._stop.wait()

@@ -347,6 +347,14 @@ class Updater:
             request.update(outcome)
         return request
 
+    def log_last(self) -> None:
+        """At start: how the last update went, so logread tells it beside the version."""
+        last = self.info()
+        if last:
+            reason = f" ({last['reason']})" if last.get("reason") else ""
+            log.info("last update %s from %s: %s%s", last.get("id"), last.get("fromVersion"),
+                     last.get("state"), reason)
+
     def mark_connected(self) -> None:
         """After every CONNACK while an update waits for it: the helper waits for this file,
         from a new pid. With no update under way nothing is written (a development machine's

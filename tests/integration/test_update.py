@@ -248,6 +248,8 @@ def test_a_release_that_dies_at_once_is_rolled_back_and_the_old_one_comes_online
     assert update["previous"].endswith(".previous.ipk")
     assert (router.root / "etc/spotfi/update/installed.ipk").exists()
     assert "rolled back" in router.messages()
+    assert (f"last update {accepted['id']} from {OLD}: rolling-back (the new bridge did not "
+            "connect within 10 s)") in router.service_log()
 
 
 # --------------------------------------------------------------------------- the API's own update
