@@ -33,6 +33,11 @@ json_text() {
 	printf '%s' "$1" | tr '\n\t\r' '   ' | sed 's/\\/\\\\/g; s/"/\\"/g'
 }
 
+# TEXT: its last non-blank line, without the leading blanks (opkg indents its errors)
+last_line() {
+	printf '%s\n' "$1" | grep -v '^[[:space:]]*$' | tail -n 1 | sed 's/^[[:space:]]*//'
+}
+
 # STATE REASON: the outcome as bridge info shows it (written whole, then renamed)
 set_state() {
 	printf '{"id": "%s", "state": "%s", "reason": "%s", "updated": %s}\n' \
@@ -93,7 +98,7 @@ if out=$(pkg_install "$PACKAGE" 2>&1); then
 	fi
 	reason="the new bridge did not connect within $TIMEOUT s"
 else
-	reason="$MANAGER failed: $(printf '%s\n' "$out" | grep -v '^[[:space:]]*$' | tail -n 1)"
+	reason="$MANAGER failed: $(last_line "$out")"
 fi
 
 say "$reason: reinstalling the previous package"
@@ -109,7 +114,7 @@ if out=$(pkg_install "$PREVIOUS" 2>&1); then
 	fi
 	reason="$reason; the previous package did not connect either within $TIMEOUT s"
 else
-	reason="$reason; reinstalling the previous package failed: $(printf '%s\n' "$out" | tail -n 1)"
+	reason="$reason; reinstalling the previous package failed: $(last_line "$out")"
 fi
 rm -f "$PACKAGE"
 set_state failed "$reason"

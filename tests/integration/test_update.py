@@ -288,3 +288,17 @@ def test_the_apis_legacy_binary_update_leaves_a_running_service(
     wait_for(lambda: Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2] ==
              [b"sleep", b"300"], 10, "the replaced bridge to run as it does without arguments")
     assert "not the spotfi-bridge package's launcher" in router.messages()
+
+
+def test_a_package_the_manager_refuses_is_rolled_back_with_its_words(
+        api: ApiClient, router: ScratchRouter, served: tuple[Server, Path]) -> None:
+    server, directory = served
+    garbage = directory / "garbage.ipk"
+    garbage.write_bytes(b"not a package at all\n" * 100)
+    wait_online(api)
+    accepted = _accepted(api, router, server.url("garbage.ipk"), _sha256(garbage))
+    info = _outcome(api, accepted["id"], ("rolled-back", "done", "failed"), timeout=120)
+    assert info["update"]["state"] == "rolled-back", info["update"]
+    assert info["update"]["reason"].startswith("opkg failed: * pkg_init_from_file: Malformed "
+                                               "package file"), info["update"]
+    assert info["version"] == OLD
