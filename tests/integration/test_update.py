@@ -97,6 +97,13 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _serve(served: tuple[Server, Path], name: str, data: bytes) -> tuple[str, str]:
+    """Put ``data`` on the server: its URL and sha256."""
+    server, directory = served
+    (directory / name).write_bytes(data)
+    return server.url(name), _sha256(directory / name)
+
+
 @pytest.fixture
 def router(tmp_path: Path, broker: Mosquitto, packages: dict[str, Path],
            request: pytest.FixtureRequest) -> Iterator[ScratchRouter]:
@@ -181,11 +188,8 @@ def test_a_checksum_mismatch_is_refused_and_nothing_changes(
 @pytest.mark.parametrize("router", ["[update]\nmax_bytes = 65536\n"], indirect=True)
 def test_a_package_over_the_size_bound_is_refused(
         api: ApiClient, router: ScratchRouter, served: tuple[Server, Path]) -> None:
-    server, directory = served
-    big = directory / "big.ipk"
-    big.write_bytes(b"\0" * 300_000)
     wait_online(api)
-    reply = _update(api, server.url("big.ipk"), _sha256(big))
+    reply = _update(api, *_serve(served, "big.ipk", b"\0" * 300_000))
     assert reply["status"] == "error"
     assert "larger than [update] max_bytes (65536 bytes)" in reply["error"]
     assert list((router.root / "tmp").iterdir()) == []
@@ -292,11 +296,9 @@ def test_the_apis_legacy_binary_update_leaves_a_running_service(
 
 def test_a_package_the_manager_refuses_is_rolled_back_with_its_words(
         api: ApiClient, router: ScratchRouter, served: tuple[Server, Path]) -> None:
-    server, directory = served
-    garbage = directory / "garbage.ipk"
-    garbage.write_bytes(b"not a package at all\n" * 100)
     wait_online(api)
-    accepted = _accepted(api, router, server.url("garbage.ipk"), _sha256(garbage))
+    accepted = _accepted(api, router, *_serve(served, "garbage.ipk",
+                                              b"not a package at all\n" * 100))
     info = _outcome(api, accepted["id"], ("rolled-back", "done", "failed"), timeout=120)
     assert info["update"]["state"] == "rolled-back", info["update"]
     assert info["update"]["reason"].startswith("opkg failed: * pkg_init_from_file: Malformed "
