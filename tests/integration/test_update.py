@@ -258,15 +258,36 @@ def test_a_release_that_dies_at_once_is_rolled_back_and_the_old_one_comes_online
 
 # --------------------------------------------------------------------------- the API's own update
 
-#: routes/router-system.ts /bridge/update, as a file exec script, with the tree's paths
-#: (/etc/init.d/X ACTION is /bin/sh /etc/rc.common /etc/init.d/X ACTION on OpenWrt)
+#: routes/router-system.ts /bridge/update (the SpotFi API), line for line, with the tree's
+#: paths ($R) and /etc/init.d/X ACTION spelled /bin/sh /etc/rc.common /etc/init.d/X ACTION as
+#: OpenWrt runs it. On a router the API sends it as file exec /bin/sh -c SCRIPT, which
+#: rpcd runs: the script is not the bridge's child and lives on when it stops the bridge.
 LEGACY_SCRIPT = """
 set -e
-/bin/sh "$R/etc/rc.common" "$R/etc/init.d/spotfi-bridge" stop
-wget -q -O "$R/usr/bin/spotfi-bridge" "$URL"
+echo "Stopping spotfi-bridge service..."
+/bin/sh "$R/etc/rc.common" "$R/etc/init.d/spotfi-bridge" stop || true
+echo "Downloading new binary from $URL..."
+TEMP_FILE="$R/tmp/spotfi-bridge-new"
+wget -q -O "$TEMP_FILE" "$URL" || curl -s -o "$TEMP_FILE" "$URL" || {
+  echo "ERROR: Failed to download binary"
+  exit 1
+}
+echo "Verifying binary..."
+chmod +x "$TEMP_FILE"
+if ! "$TEMP_FILE" --version > /dev/null 2>&1; then
+  echo "ERROR: Downloaded file is not a valid executable"
+  rm -f "$TEMP_FILE"
+  exit 1
+fi
+echo "Backing up old binary..."
+cp "$R/usr/bin/spotfi-bridge" "$R/usr/bin/spotfi-bridge.backup.$(date +%s)" || true
+echo "Installing new binary..."
+mv "$TEMP_FILE" "$R/usr/bin/spotfi-bridge"
 chmod +x "$R/usr/bin/spotfi-bridge"
-"$R/usr/bin/spotfi-bridge" --version
+echo "Starting spotfi-bridge service..."
 /bin/sh "$R/etc/rc.common" "$R/etc/init.d/spotfi-bridge" start
+echo "SUCCESS: Bridge updated and restarted"
+"$R/usr/bin/spotfi-bridge" --version
 """
 
 #: the Go bridge's binary as far as the init script can tell: no launcher mark, runs
