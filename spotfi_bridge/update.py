@@ -56,7 +56,9 @@ _PASSED_ON = ("SPOTFI_CONFIG", "SPOTFI_ENV_FILE")
 @dataclass(frozen=True)
 class UpdatePaths:
     """Where the update touches the system. ``root`` is "" on a router; tests set
-    ``SPOTFI_BRIDGE_ROOT`` to a scratch tree (the init script and the helper read it too)."""
+    ``SPOTFI_BRIDGE_ROOT`` to a scratch tree (the init script and the helper read it too),
+    and ``SPOTFI_BRIDGE_SHELL`` to the shell that runs the helper (busybox ash, as on a
+    router; default /bin/sh)."""
 
     root: str = ""
 
@@ -319,7 +321,8 @@ class Updater:
                 # Popen, not asyncio: asyncio kills the children it still tracks when its loop
                 # closes, and this one must outlive the bridge it stops (own session too)
                 proc = subprocess.Popen(
-                    ["/bin/sh", self.paths.helper, update_id, package, previous, manager,
+                    [self._environ.get("SPOTFI_BRIDGE_SHELL", "/bin/sh"), self.paths.helper,
+                     update_id, package, previous, manager,
                      str(os.getpid()), str(int(self.config.confirm_timeout))],
                     stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, env=env,
                     start_new_session=True, close_fds=True)

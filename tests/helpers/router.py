@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from tests.helpers.wait import wait_for
+from tests.unit.test_packaging import shell
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -136,8 +137,12 @@ class ScratchRouter:
         self.config.chmod(0o600)
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith(("SPOTFI_", "PYTHON"))}
+        ash = self.bin / "ash"  # the update helper runs in OpenWrt's shell when we have it
+        ash.write_text('#!/bin/sh\nexec ' + " ".join(shell()) + ' "$@"\n')
+        ash.chmod(0o755)
         self.env.update({
             "PATH": f"{self.bin}:/usr/sbin:/usr/bin:/sbin:/bin",
+            "SPOTFI_BRIDGE_SHELL": str(ash),
             "SPOTFI_BRIDGE_ROOT": str(root),
             "SPOTFI_BRIDGE_LIB": str(root / "usr/lib/spotfi-bridge"),
             "SPOTFI_BRIDGE_PYTHON": sys.executable,
