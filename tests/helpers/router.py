@@ -158,7 +158,7 @@ class ScratchRouter:
         return result.stdout
 
     def service(self, action: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["/bin/sh", str(self.root / "etc/rc.common"),
+        return subprocess.run([*shell(), str(self.root / "etc/rc.common"),
                                str(self.root / "etc/init.d/spotfi-bridge"), action],
                               env=self.env, capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)

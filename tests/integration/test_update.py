@@ -24,7 +24,7 @@ from tests.helpers.apiclient import ApiClient
 from tests.helpers.broker import Mosquitto
 from tests.helpers.router import ROOT, ScratchRouter, alive
 from tests.helpers.wait import wait_for
-from tests.unit.test_packaging import load_builder
+from tests.unit.test_packaging import load_builder, shell
 
 ROUTER = "test-router"
 STATUS = f"spotfi/router/{ROUTER}/status"
@@ -304,7 +304,7 @@ def test_the_apis_legacy_binary_update_leaves_a_running_service(
     (directory / "go-bridge").write_text(GO_BRIDGE)
     wait_online(api)
     env = {**router.env, "R": str(router.root), "URL": server.url("go-bridge")}
-    result = subprocess.run(["/bin/sh", "-c", LEGACY_SCRIPT], env=env, capture_output=True,
+    result = subprocess.run([*shell(), "-c", LEGACY_SCRIPT], env=env, capture_output=True,
                             text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr
     assert "spotfi-bridge go 2.0.0" in result.stdout
