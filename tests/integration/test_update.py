@@ -325,3 +325,13 @@ def test_a_package_the_manager_refuses_is_rolled_back_with_its_words(
     assert info["update"]["reason"].startswith("opkg failed: * pkg_init_from_file: Malformed "
                                                "package file"), info["update"]
     assert info["version"] == OLD
+
+
+def test_a_download_that_fails_is_refused_with_the_tools_words(
+        api: ApiClient, router: ScratchRouter, served: tuple[Server, Path]) -> None:
+    server, _ = served
+    wait_online(api)
+    reply = _update(api, server.url("missing.ipk"), "0" * 64)
+    assert reply["status"] == "error"
+    assert reply["error"].startswith("download failed: wget exited with status 8"), reply
+    assert list((router.root / "tmp").iterdir()) == []

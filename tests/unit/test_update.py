@@ -1,7 +1,10 @@
-"""The pure parts of ``bridge update``: argument checks and the rebuilt rollback package."""
+"""The parts of ``bridge update`` that need no broker: arguments, one update at a time,
+the rollback package rebuilt from opkg's records."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -9,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from spotfi_bridge.update import UpdateRefused, parse_request, rebuild_installed_ipk
+from spotfi_bridge.config import UpdateConfig
+from spotfi_bridge.update import (
+    UpdatePaths,
+    Updater,
+    UpdateRefused,
+    parse_request,
+    rebuild_installed_ipk,
+)
 from tests.helpers.router import ROOT
 from tests.unit.test_packaging import load_builder
 
@@ -63,3 +73,17 @@ def test_the_rebuilt_package_installs_the_same_files(tmp_path: Path) -> None:
 def test_no_record_of_the_package_is_a_clear_refusal(tmp_path: Path) -> None:
     with pytest.raises(UpdateRefused, match="opkg has no record of spotfi-bridge"):
         rebuild_installed_ipk(str(tmp_path / "info"), str(tmp_path), str(tmp_path / "x.ipk"))
+
+
+def test_a_second_update_while_one_is_running_is_refused(tmp_path: Path) -> None:
+    paths = UpdatePaths(str(tmp_path))
+    os.makedirs(paths.state_dir)
+    Path(paths.request_file).write_text(json.dumps(
+        {"id": "upd-1", "state": "installing", "helperPid": os.getpid()}))
+    updater = Updater(UpdateConfig(), paths, environ={})
+    outcome = asyncio.run(updater.start({"url": "http://127.0.0.1:9/p.ipk",
+                                         "sha256": "0" * 64}, 30.0))
+    assert outcome.error == "refused: an update is already running (upd-1)"
+    # once the helper is gone (its pid no longer runs) the state no longer blocks
+    Path(paths.state_file).write_text(json.dumps({"id": "upd-1", "state": "done"}))
+    assert updater.info()["state"] == "done"
