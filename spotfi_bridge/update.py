@@ -336,6 +336,8 @@ class Updater:
     # ------------------------------------------------------------------ state
 
     def _helper_running(self) -> bool:
+        if self._helper is not None:
+            self._helper.poll()  # reap ours if it ended: a zombie would look alive
         state = self.info()
         return state.get("state") in BUSY_STATES and _pid_alive(state.get("helperPid"))
 
