@@ -57,6 +57,14 @@ LAUNCHERS = {
     "spotfi-bridge": "spotfi_bridge.cli",
 }
 
+#: Files installed as they are from the source tree, besides the Python code and the launchers
+#: (path on the router -> (file in the checkout, mode)). The apk build reuses this list too.
+PAYLOAD = {
+    "etc/init.d/spotfi-bridge": ("init.d/spotfi-bridge", 0o755),
+    # bridge update's detached installer (spotfi_bridge/update.py starts it)
+    "usr/libexec/spotfi-bridge-update": ("packaging/update-helper.sh", 0o755),
+}
+
 #: Parts of the package a router does not run: the dry run, and spotfi-bridge-ctl (the API
 #: side, used from an operator's machine; ~65 KB that would take the router's flash past
 #: 300 KB). ``pip install`` of the project still provides both.
@@ -339,8 +347,8 @@ def collect(source: Path = ROOT, ptyprocess_dir: Optional[Path] = None) -> Conte
         if has_main(source, module):
             files.append(Entry(f"usr/bin/{name}", launcher_script(name, module, template),
                                0o755))
-    files.append(Entry("etc/init.d/spotfi-bridge",
-                       (source / "init.d" / "spotfi-bridge").read_bytes(), 0o755))
+    for target, (origin, mode) in PAYLOAD.items():
+        files.append(Entry(target, (source / origin).read_bytes(), mode))
     # the example config may end up holding the token: root only, like /etc/spotfi.env
     files.append(Entry(CONFFILE.lstrip("/"),
                        (source / "packaging" / "bridge.toml.example").read_bytes(), 0o600))

@@ -134,6 +134,14 @@ class TerminalConfig:
 
 
 @dataclass(frozen=True)
+class UpdateConfig:
+    #: a package download larger than this is refused (and deleted)
+    max_bytes: int = 16 * 1024 * 1024
+    #: how long the update helper waits for the new bridge to connect before rolling back
+    confirm_timeout: float = 120.0
+
+
+@dataclass(frozen=True)
 class Config:
     router: RouterConfig
     mqtt: MqttConfig
@@ -141,6 +149,7 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     rpc: RpcConfig = RpcConfig()
     terminal: TerminalConfig = TerminalConfig()
+    update: UpdateConfig = UpdateConfig()
     log_level: str = "info"
     #: files that were read, in order; for check-config and the start-up log line
     sources: tuple[str, ...] = ()
@@ -336,6 +345,11 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "outbox_bytes": _Key("an integer from 65536 to 67108864", _number(65536, 64 << 20, True)),
         "qos": _Key("0 or 1", _number(0, 1, True)),
     },
+    "update": {
+        "max_bytes": _Key("an integer from 65536 to 268435456 (bytes)",
+                          _number(65536, 256 << 20, True)),
+        "confirm_timeout": _Key("a number from 5 to 3600 (seconds)", _number(5, 3600)),
+    },
     "log": {
         "level": _Key('"debug", "info", "warning" or "error"',
                       _choice("debug", "info", "warning", "error")),
@@ -471,6 +485,55 @@ def _file_mode_warning(path: str, secret_inside: bool) -> Optional[str]:
         return (f"{path}: holds the router token but is readable by group or others "
                 f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}")
     return None
+
+
+def _no_password() -> bytes:
+    """An encrypted key is refused at once instead of OpenSSL asking for a pass phrase."""
+    return b""
+
+
+def check_tls_files(tls: TlsConfig, where: Callable[[str], str]) -> None:
+    """Load the CA file, the client certificate and its key as the link will, so a file that
+    is not what it should be is a config error now rather than a link that dies later.
+
+    ``where(key)`` names the file or variable that set ``[tls] key``."""
+    if not (tls.ca_file or tls.cert_file):
+        return
+    import ssl  # only routers with TLS files pay for it here
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if tls.ca_file:
+        try:
+            context.load_verify_locations(cafile=tls.ca_file)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ConfigError(f"{where('ca_file')}: [tls] ca_file = {tls.ca_file!r} is invalid: "
+                              f"expected a file of PEM certificates (-----BEGIN CERTIFICATE-----)"
+                              f"; {_ssl_reason(exc)}") from None
+    if not tls.cert_file:
+        return
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=tls.cert_file)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError(f"{where('cert_file')}: [tls] cert_file = {tls.cert_file!r} is "
+                          f"invalid: expected a PEM client certificate "
+                          f"(-----BEGIN CERTIFICATE-----); {_ssl_reason(exc)}") from None
+    try:
+        context.load_cert_chain(tls.cert_file, tls.key_file or None, password=_no_password)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        key, path = ("key_file", tls.key_file) if tls.key_file else ("cert_file", tls.cert_file)
+        if "KEY_VALUES_MISMATCH" in str(exc):
+            expected = f"the private key of the certificate in {tls.cert_file}"
+            problem = "does not match cert_file"
+        else:
+            expected = "an unencrypted PEM private key (-----BEGIN PRIVATE KEY-----)"
+            problem = "is invalid"
+        raise ConfigError(f"{where(key)}: [tls] {key} = {path!r} {problem}: expected "
+                          f"{expected}; {_ssl_reason(exc)}") from None
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+    return f"OpenSSL says: {reason}"
 
 
 def parse_broker_url(url: str) -> BrokerAddress:
@@ -635,6 +698,7 @@ def _build(raw: _Raw, sources: tuple[str, ...], warnings: tuple[str, ...],
     if bool(tls.cert_file) != bool(tls.key_file) and not tls.cert_file:
         raise ConfigError(f"{raw[('tls', 'key_file')][1]}: [tls] key_file is set without "
                           f"cert_file: expected both or neither")
+    check_tls_files(tls, lambda key: str(raw[("tls", key)][1]))
     rpc_values = _section(raw, "rpc")
     if "timeouts" in rpc_values:  # the user's patterns first; built-in ones still apply after
         user = rpc_values["timeouts"]
@@ -661,6 +725,7 @@ def _build(raw: _Raw, sources: tuple[str, ...], warnings: tuple[str, ...],
         metrics=MetricsConfig(**_section(raw, "metrics")),
         rpc=rpc,
         terminal=TerminalConfig(**_section(raw, "terminal")),
+        update=UpdateConfig(**_section(raw, "update")),
         log_level=log_values.get("level", "info"),
         sources=sources,
         warnings=warnings,

@@ -19,7 +19,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Optional
 
 from spotfi_bridge.config import RpcConfig
 from spotfi_bridge.protocol import ParseError, RpcRequest, parse_rpc_request, rpc_error, rpc_success
@@ -32,6 +32,8 @@ from spotfi_bridge.rpc.dedup import DedupTable, id_key
 logger = logging.getLogger("spotfi_bridge.rpc")
 
 BRIDGE_OBJECT = "bridge"
+#: the one ``bridge`` method that runs as a job (it downloads): the others answer at once
+BRIDGE_UPDATE = "update"
 ERROR_BUSY = "busy"
 ERROR_EXPIRED = "expired"
 ERROR_SHUTDOWN = "cancelled: bridge shutting down"
@@ -153,6 +155,10 @@ def _no_secrets() -> Iterable[str]:
     return ()
 
 
+#: ``bridge update``: (args, timeout) -> outcome
+Updater = Callable[[Mapping[str, Any], float], Awaitable[Outcome]]
+
+
 class RpcExecutor:
     def __init__(
         self,
@@ -164,6 +170,7 @@ class RpcExecutor:
         sessions: Callable[[], list[dict[str, Any]]] = _no_sessions,
         *,
         secrets: Callable[[], Iterable[str]] = _no_secrets,
+        update: Optional[Updater] = None,
         clock: Callable[[], float] = time.time,
         dedup_max_entries: int = 4096,
         dedup_max_bytes: int = 2 * 1024 * 1024,
@@ -176,6 +183,7 @@ class RpcExecutor:
         # the one compat hook: the API's calls that real ubus does not answer become ones it
         # does (or init script actions) on their way to the backend; see rpc/compat.py
         self._backend = CompatBackend(backend, config)
+        self._update = update
         self._clock = clock
         self._started = time.monotonic()
         self._dedup = DedupTable(config.dedup_window, time.monotonic,
@@ -283,7 +291,8 @@ class RpcExecutor:
         if problem is not None:
             self._answer(key, req_id, Outcome(error=problem))
             return
-        if parsed.path == BRIDGE_OBJECT:
+        if parsed.path == BRIDGE_OBJECT and not (parsed.method == BRIDGE_UPDATE and
+                                                 self._update is not None):
             self._answer(key, req_id, self._bridge_answer(parsed))
             return
         job = _Job(key, parsed, Call(parsed.path, parsed.method, parsed.args,
@@ -325,7 +334,10 @@ class RpcExecutor:
             return problem
         name = f"{request.path}.{request.method}"
         denied = any(fnmatch.fnmatchcase(name, pattern) for pattern in self._config.deny)
-        if not denied and self._config.allow and request.path != BRIDGE_OBJECT:
+        # the bridge's own diagnostics are always allowed; its update (a package installed
+        # as root) only when an allow list names it
+        if not denied and self._config.allow and (request.path != BRIDGE_OBJECT or
+                                                  request.method == BRIDGE_UPDATE):
             denied = not any(fnmatch.fnmatchcase(name, pattern) for pattern in self._config.allow)
         if denied:
             self._counts["denied"] += 1
@@ -389,7 +401,10 @@ class RpcExecutor:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            outcome = await self._backend.call(job.call)
+            if job.call.path == BRIDGE_OBJECT and self._update is not None:
+                outcome = await self._update(job.call.args, job.call.timeout)
+            else:
+                outcome = await self._backend.call(job.call)
         except asyncio.CancelledError:
             self._finish(job, Outcome(error=ERROR_SHUTDOWN))
             raise

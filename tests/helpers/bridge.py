@@ -25,7 +25,9 @@ class BridgeProcess:
 
     def __init__(self, broker_url: str, *, router_id: str = "test-router", token: str = "test-token",
                  toml: Optional[str] = None, env: Optional[dict[str, str]] = None,
-                 args: tuple[str, ...] = ()) -> None:
+                 args: tuple[str, ...] = (), python_code: Optional[str] = None) -> None:
+        """``python_code``: run that instead of ``-m spotfi_bridge run`` (a fault injected
+        before ``spotfi_bridge.cli.main()``)."""
         self.router_id = router_id
         self.token = token
         self.dir = Path(tempfile.mkdtemp(prefix="spotfi-bridge-"))
@@ -49,12 +51,14 @@ class BridgeProcess:
         if not _chooses_shell(self.env):
             self.env["SPOTFI_TERMINAL_SHELL"] = PINNED_SHELL
         self.args = args
+        self.python_code = python_code
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self._final_log: Optional[str] = None
 
     def start(self) -> BridgeProcess:
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "spotfi_bridge", "run", *self.args],
+        command = ["-c", self.python_code] if self.python_code else ["-m", "spotfi_bridge"]
+        self.proc = subprocess.Popen([sys.executable, *command, "run", *self.args],
                                      env=self.env, stdout=log, stderr=log,
                                      stdin=subprocess.DEVNULL, cwd=str(self.dir))
         log.close()

@@ -16,6 +16,7 @@ import pytest
 
 from spotfi_bridge import config as config_module
 from spotfi_bridge.config import Config, ConfigError, load_config
+from tests.helpers.certs import make_ca, make_server_cert
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -160,10 +161,17 @@ def test_default_toml_path_is_read_when_present(tmp_path: Path,
     assert cfg.sources == (default,)
 
 
-def test_full_toml_file(tmp_path: Path) -> None:
-    ca = write(tmp_path / "ca.pem", "-----BEGIN CERTIFICATE-----\n")
-    cert = write(tmp_path / "client.pem", "-----BEGIN CERTIFICATE-----\n")
-    key = write(tmp_path / "client.key", "-----BEGIN PRIVATE KEY-----\n")
+@pytest.fixture(scope="module")
+def pem(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A real CA and client certificate with its key: the loader now loads them."""
+    directory = tmp_path_factory.mktemp("pem")
+    ca = make_ca(directory)
+    cert, key = make_server_cert(directory, ca, "DNS:r-42", "client", usage="clientAuth")
+    return {"ca": str(ca[0]), "cert": str(cert), "key": str(key)}
+
+
+def test_full_toml_file(tmp_path: Path, pem: dict[str, str]) -> None:
+    ca, cert, key = pem["ca"], pem["cert"], pem["key"]
     toml = write(tmp_path / "bridge.toml", f"""\
 [router]
 id = "r-42"
@@ -702,9 +710,8 @@ def test_connection_settings_change_with_connection_keys(name: str, value: str) 
     assert _settings(**{name: value}) != _settings()
 
 
-def test_connection_settings_with_tls_file(tmp_path: Path) -> None:
-    ca = write(tmp_path / "ca.pem", "pem")
-    assert _settings(SPOTFI_TLS_CA_FILE=ca) != _settings()
+def test_connection_settings_with_tls_file(pem: dict[str, str]) -> None:
+    assert _settings(SPOTFI_TLS_CA_FILE=pem["ca"]) != _settings()
 
 
 def test_config_is_frozen() -> None:

@@ -35,6 +35,7 @@ from spotfi_bridge.config import (
     RpcConfig,
     TerminalConfig,
     TlsConfig,
+    UpdateConfig,
     load_config,
 )
 
@@ -331,7 +332,8 @@ def test_data_layout_and_modes(ipk: Ipk) -> None:
     data = ipk.data()
     lib = "./usr/lib/spotfi-bridge/"
     for name, header in data.items():
-        if header.typeflag == "5" or name.startswith(("./usr/bin/", "./etc/init.d/")):
+        if header.typeflag == "5" or name.startswith(("./usr/bin/", "./etc/init.d/",
+                                                      "./usr/libexec/")):
             assert header.mode == 0o755, name  # directories, launchers, init script
         elif name == "./etc/spotfi/bridge.toml":
             assert header.mode == 0o600, name  # may come to hold the token
@@ -401,7 +403,8 @@ def _value_at(config: Config, section: str, key: str) -> Any:
 
 
 SECTION_CLASSES = {"router": RouterConfig, "mqtt": MqttConfig, "tls": TlsConfig,
-                   "metrics": MetricsConfig, "rpc": RpcConfig, "terminal": TerminalConfig}
+                   "metrics": MetricsConfig, "rpc": RpcConfig, "terminal": TerminalConfig,
+                   "update": UpdateConfig}
 
 
 def _default_of(section: str, key: str) -> Any:
@@ -433,7 +436,8 @@ def test_example_config_names_every_key_with_its_default(tmp_path: Path) -> None
 
 def test_scripts_pass_sh_n(ipk: Ipk) -> None:
     scripts = {name: h.data for name, h in ipk.data().items()
-               if name.startswith(("./usr/bin/", "./etc/init.d/")) and h.typeflag == "0"}
+               if name.startswith(("./usr/bin/", "./etc/init.d/", "./usr/libexec/"))
+               and h.typeflag == "0"}
     scripts.update({h.name: h.data for h in raw_headers(ipk.control_tar)
                     if h.name in ("./postinst", "./prerm", "./postrm")})
     assert len(scripts) >= 5

@@ -341,6 +341,27 @@ def test_deny_and_allow_patterns() -> None:
     assert counters["denied"] == 2
 
 
+def test_bridge_update_runs_as_a_job_and_only_if_an_allow_list_names_it() -> None:
+    calls: list[tuple[dict[str, Any], float]] = []
+
+    async def update(args: Any, timeout: float) -> Outcome:
+        calls.append((dict(args), timeout))
+        return Outcome(result={"accepted": True, "id": "upd-1"}, exit_code=0)
+
+    args = {"url": "http://127.0.0.1/p.ipk", "sha256": "0" * 64}
+    collector, _ = exchange([request("u", "bridge", "update", args)], update=update)
+    assert collector.reply("u")["result"] == {"accepted": True, "id": "upd-1"}
+    assert calls == [(args, 30.0)]
+    collector, counters = exchange([request("u", "bridge", "update", args), request("p")],
+                                   config=RpcConfig(allow=("system.*",)), update=update)
+    assert collector.reply("u")["error"] == "denied by policy: bridge.update"
+    assert counters["denied"] == 1
+    assert collector.reply("p")["status"] == "success" and len(calls) == 1
+    collector, _ = exchange([request("u", "bridge", "update", args)],
+                            config=RpcConfig(allow=("bridge.update",)), update=update)
+    assert collector.reply("u")["status"] == "success" and len(calls) == 2
+
+
 def test_deny_applies_to_the_bridge_object_when_named() -> None:
     collector, _ = exchange([request("p")], config=RpcConfig(deny=("bridge.*",)))
     assert collector.reply("p")["error"] == "denied by policy: bridge.ping"
