@@ -41,6 +41,7 @@ path="$2"; method="$3"; args="$4"
 [ -n "$FAKE_UBUS_RUNS" ] && echo "$path $method" >> "$FAKE_UBUS_RUNS"
 case "$path.$method" in
   system.info) echo '@SYSTEM_INFO@' ;;
+  file.exec) echo '{"code":0,"stdout":"","stderr":""}' ;;
   system.*) exit 3 ;;
   echo.args) printf '{"timeout":%s,"args":%s}\n' "$timeout" "$args" ;;
   echo.empty) ;;
