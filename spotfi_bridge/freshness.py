@@ -11,10 +11,12 @@ the last file written until NTP syncs). So:
 
 - The router's clock is **trusted** while it agrees with the API's: a live message (one
   the broker forwarded while the link was up, not the queue it hands over after a
-  reconnect) is at most a moment old, so its stamp must be within ``clock_skew`` of the
-  router's clock. Trust ends when a live message comes from the future, when the clock
-  steps (NTP sync, ``date -s``: seen against the monotonic clock) or after
-  ``TRUST_LIFETIME`` without an agreeing message.
+  reconnect) is at most a moment old, so its stamp within ``clock_skew`` of the
+  router's clock makes the clock trusted. Trust ends when the clock steps (NTP sync,
+  ``date -s``: seen against the monotonic clock), after ``DISTRUST_AFTER`` live
+  messages in a row that disagree (one odd stamp is the stamp's fault, not the
+  clock's: it agreed before and has not stepped since), or after ``TRUST_LIFETIME``
+  without an agreeing message.
 - Trusted: a command is late when its stamp is older than the window of that call plus
   ``clock_skew`` (or its ``expiresAt`` passed ``clock_skew`` ago).
 - Not trusted, or no stamp: what the link measured decides. A live message is fresh. A
@@ -34,6 +36,8 @@ from typing import Any, Callable, Optional
 
 #: Trust lapses after this long without a live message that agrees with the router's clock.
 TRUST_LIFETIME = 3600.0
+#: Live messages in a row whose stamps disagree with a trusted clock that end the trust.
+DISTRUST_AFTER = 3
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class Freshness:
         #: wall - monotonic when a live message last agreed with the router's clock
         self._anchor: Optional[float] = None
         self._anchored_at = 0.0
+        self._disagreements = 0  # live stamped messages in a row that disagreed
         #: router clock minus the API's, as the last live stamped message showed it
         self._last_offset: Optional[float] = None
 
@@ -130,11 +135,14 @@ class Freshness:
         if -self.clock_skew <= offset <= self.clock_skew:
             self._anchor = wall - self._monotonic()
             self._anchored_at = self._monotonic()
-        elif offset < 0:
-            self._anchor = None  # a message from the future: the router's clock is behind
-        # else it looks old: a stale stamp if the clock agreed before and has not stepped
-        # since (trust kept, and the command is judged late); else the router's clock may
-        # be ahead, and a live message is fresh anyway
+            self._disagreements = 0
+            return
+        # a stamp that disagrees with a clock that agreed before and has not stepped is
+        # the stamp's fault (the command is judged by it); a run of them is the clock's
+        # (or the API's clock jumped): trust ends
+        self._disagreements += 1
+        if self._disagreements >= DISTRUST_AFTER:
+            self._anchor = None
 
 
-__all__ = ["TRUST_LIFETIME", "Delivery", "Freshness", "Late"]
+__all__ = ["DISTRUST_AFTER", "TRUST_LIFETIME", "Delivery", "Freshness", "Late"]

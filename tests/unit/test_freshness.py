@@ -6,7 +6,7 @@ from typing import Optional
 
 import pytest
 
-from spotfi_bridge.freshness import TRUST_LIFETIME, Delivery, Freshness
+from spotfi_bridge.freshness import DISTRUST_AFTER, TRUST_LIFETIME, Delivery, Freshness
 from spotfi_bridge.protocol import id_sent_at
 
 API_NOW = 1_800_000_000.0  # the API's clock (right)
@@ -82,11 +82,20 @@ def test_a_clock_step_or_a_long_silence_ends_trust() -> None:
     assert not freshness.trusted()
 
 
-def test_a_live_message_from_the_future_ends_trust() -> None:
+@pytest.mark.parametrize("odd", [-7200.0, 7200.0], ids=["from-the-future", "stale"])
+def test_one_odd_stamp_keeps_trust_a_run_of_them_ends_it(odd: float) -> None:
     freshness, clocks = make()
     judge(freshness, clocks, 0.0)
-    judge(freshness, clocks, -60.0)  # the router's clock is a minute behind the API's
+    for _ in range(DISTRUST_AFTER - 1):
+        judge(freshness, clocks, odd)
+        assert freshness.trusted()
+    judge(freshness, clocks, 0.0)  # an agreeing one in between: the run starts again
+    for _ in range(DISTRUST_AFTER - 1):
+        judge(freshness, clocks, odd)
+    assert freshness.trusted()
+    judge(freshness, clocks, odd)  # the API's clock jumped, or the router's is off
     assert not freshness.trusted()
+    assert judge(freshness, clocks, odd) is None  # live, untrusted: it runs
 
 
 def test_time_waited_in_the_bridge_counts() -> None:
