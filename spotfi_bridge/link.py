@@ -9,6 +9,11 @@ loop thread leaves paho alone and publishes wait in the link's own backlog.
 
 Presence: Last Will ``OFFLINE`` (retained, QoS 1); retained ``ONLINE`` after every
 successful connect; subscriptions restored every time; clean session off.
+
+Inbound: retained messages never reach the handler (a retained command would run at
+every start); each message goes with a :class:`~spotfi_bridge.freshness.Delivery`
+saying whether it came live or from the queue the broker kept during an outage, and
+how long that outage was (monotonic), which the age rule needs.
 """
 
 from __future__ import annotations
