@@ -116,6 +116,7 @@ class MqttLink:
         # inbound: when the broker last sent us anything before the link went down, and
         # the queue it hands over after a reconnect
         self._lost_at: Optional[float] = None
+        self._last_heard: Optional[float] = None  # monotonic: the broker's last packet
         self._catch_up: Optional[_CatchUp] = None
         self._last_outage: Optional[float] = None
         self._retained_logged: set[tuple[str, int]] = set()
@@ -336,7 +337,7 @@ class MqttLink:
                     pass
         if was_connected:
             self.stats["disconnects"] += 1
-            self._mark_lost(client)
+            self._mark_lost()
         self._fail_unreliable()
 
     # ------------------------------------------------------------------ connecting
@@ -468,7 +469,7 @@ class MqttLink:
         self._cancel_timers()
         if was_connected:
             self.stats["disconnects"] += 1
-            self._mark_lost(self._client)
+            self._mark_lost()
             lasted = time.monotonic() - self._connected_since
             if lasted >= self._config.mqtt.stable_after:
                 self._attempt = 0
@@ -548,18 +549,15 @@ class MqttLink:
 
     # ------------------------------------------------------------------ receiving
 
-    def _mark_lost(self, client: Optional[paho.Client]) -> None:
+    def _mark_lost(self) -> None:
         """The connection ended: the outage began when the broker last sent us anything
         (a black hole or a stopped process is noticed only later)."""
         self._catch_up = None
         if self._lost_at is not None:
             return  # a connection that flapped: the outage goes on from the first loss
         now = time.monotonic()
-        try:
-            last_in = float(client._last_msg_in)  # type: ignore[union-attr]
-        except (AttributeError, TypeError, ValueError):
-            last_in = now
-        self._lost_at = min(now, last_in) if last_in > 0 else now
+        heard = self._last_heard
+        self._lost_at = now if heard is None else min(now, heard)
 
     def _start_catch_up(self, session_present: bool, subscribe_mids: set[int]) -> None:
         now = time.monotonic()
@@ -768,14 +766,24 @@ class MqttLink:
         client = self._client
         if client is None or self._connecting:
             return
-        if not self._paho(lambda: client.loop_read(max_packets=256), client):
+        if not self._read(client):
             return
         sock = client.socket()
         # TLS may hold decrypted bytes that the socket no longer signals
         while sock is not None and _pending(sock) and self._is_current(client):
-            if not self._paho(lambda: client.loop_read(max_packets=256), client):
+            if not self._read(client):
                 return
             sock = client.socket()
+
+    def _read(self, client: paho.Client) -> bool:
+        """One paho read step; notes when a packet from the broker last came in (paho's own
+        ``_last_msg_in`` also moves when it sends a PINGREQ, so it alone cannot say)."""
+        before = _last_msg_in(client)
+        ok = self._paho(lambda: client.loop_read(max_packets=256), client)
+        after = _last_msg_in(client)
+        if after is not None and after != before:
+            self._last_heard = after
+        return ok
 
     def _on_writable(self) -> None:
         client = self._client
@@ -847,6 +855,13 @@ def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
     try:
         return asyncio.get_running_loop()
     except RuntimeError:
+        return None
+
+
+def _last_msg_in(client: paho.Client) -> Optional[float]:
+    try:
+        return float(client._last_msg_in)  # type: ignore[attr-defined]
+    except (AttributeError, TypeError, ValueError):
         return None
 
 
