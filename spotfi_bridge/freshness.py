@@ -103,7 +103,8 @@ class Freshness:
         if first_look and not delivery.queued and sent_at is not None:
             self._observe(sent_at)
         skew = self.clock_skew
-        if self.trusted() and (sent_at is not None or deadline is not None):
+        trusted = self.trusted()
+        if trusted and (sent_at is not None or deadline is not None):
             now = self._wall()
             if deadline is not None and now > deadline + skew:
                 age = None if sent_at is None else now - sent_at
@@ -118,13 +119,13 @@ class Freshness:
                 return Late(waited, max_age, f"waited {waited:.1f} s in the bridge's queue; "
                                              f"its caller waits {max_age:g} s")
             return None
+        why = "it carries no send time" if trusted else "the router's clock is not trusted"
         if delivery.outage is None:
-            return Late(None, max_age, "queued by the broker while the bridge was away for an "
-                                       "unknown time, and the router's clock is not trusted")
+            return Late(None, max_age, f"queued by the broker while the bridge was away for an "
+                                       f"unknown time, and {why}")
         if delivery.outage + waited > max_age:
             return Late(None, max_age, f"queued by the broker during a {delivery.outage:.1f} s "
-                                       f"outage, and the router's clock is not trusted; its "
-                                       f"caller waits {max_age:g} s")
+                                       f"outage, and {why}; its caller waits {max_age:g} s")
         return None
 
     def _observe(self, sent_at: float) -> None:
