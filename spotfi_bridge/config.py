@@ -97,7 +97,13 @@ class RpcConfig:
     max_timeout: float = 300.0
     #: (``path.method`` glob, seconds); first match wins.
     timeouts: tuple[tuple[str, float], ...] = (("file.exec", 120.0),)
-    max_age: float = 300.0
+    #: how long the API waits for a call before it gives up: an older request is not run
+    max_age: float = 30.0
+    #: (``path.method`` glob, seconds); first match wins. ``file.exec`` runs ``opkg install``,
+    #: for which the API waits 120 s.
+    max_ages: tuple[tuple[str, float], ...] = (("file.exec", 120.0),)
+    #: allowed difference between the router's clock and the API's (see freshness.py)
+    clock_skew: float = 5.0
     output_cap: int = 1024 * 1024
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
@@ -113,11 +119,17 @@ class RpcConfig:
     init_dir: str = "/etc/init.d"
 
     def timeout_for(self, path: str, method: str) -> float:
-        name = f"{path}.{method}"
-        for pattern, seconds in self.timeouts:
-            if fnmatch.fnmatchcase(name, pattern):
-                return seconds
-        return self.default_timeout
+        return _first_match(self.timeouts, f"{path}.{method}", self.default_timeout)
+
+    def max_age_for(self, path: str, method: str) -> float:
+        return _first_match(self.max_ages, f"{path}.{method}", self.max_age)
+
+
+def _first_match(table: tuple[tuple[str, float], ...], name: str, default: float) -> float:
+    for pattern, seconds in table:
+        if fnmatch.fnmatchcase(name, pattern):
+            return seconds
+    return default
 
 
 @dataclass(frozen=True)
@@ -131,6 +143,8 @@ class TerminalConfig:
     batch_delay_ms: float = 3.0
     outbox_bytes: int = 1024 * 1024
     qos: int = 1
+    #: an ``x-start`` older than this (by its ``timestamp``) opens nothing
+    start_max_age: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -165,6 +179,7 @@ class Config:
         data = asdict(self)
         data["router"]["token"] = mask_secret(self.router.token)
         data["rpc"]["timeouts"] = {pattern: seconds for pattern, seconds in self.rpc.timeouts}
+        data["rpc"]["max_ages"] = {pattern: seconds for pattern, seconds in self.rpc.max_ages}
         data["mqtt"]["broker"] = self.mqtt.broker.url
         return data
 
@@ -266,21 +281,27 @@ def _router_id(value: Any) -> str:
     return value
 
 
-def _timeouts(value: Any) -> tuple[tuple[str, float], ...]:
-    if isinstance(value, str):  # "file.exec=120,uci.*=10" from the environment
-        pairs = []
-        for part in value.split(","):
-            if not part.strip():
-                continue
-            pattern, sep, seconds = part.partition("=")
-            if not sep:
-                raise _Invalid
-            pairs.append((pattern.strip(), seconds.strip()))
-        value = dict(pairs)
-    if not isinstance(value, dict):
-        raise _Invalid
-    check = _number(0.1, 3600)
-    return tuple((str(pattern), check(seconds)) for pattern, seconds in value.items())
+def _seconds_table(low: float, high: float) -> Converter:
+    """A table of ``"path.method" glob = seconds``, or ``"file.exec=120,uci.*=10"`` from
+    the environment."""
+    check = _number(low, high)
+
+    def convert(value: Any) -> tuple[tuple[str, float], ...]:
+        if isinstance(value, str):
+            pairs = []
+            for part in value.split(","):
+                if not part.strip():
+                    continue
+                pattern, sep, seconds = part.partition("=")
+                if not sep:
+                    raise _Invalid
+                pairs.append((pattern.strip(), seconds.strip()))
+            value = dict(pairs)
+        if not isinstance(value, dict):
+            raise _Invalid
+        return tuple((str(pattern), check(seconds)) for pattern, seconds in value.items())
+
+    return convert
 
 
 SCHEMA: dict[str, dict[str, _Key]] = {
@@ -323,8 +344,12 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "queue_size": _Key("an integer from 0 to 10000", _number(0, 10000, True)),
         "default_timeout": _Key("a number from 0.1 to 3600 (seconds)", _number(0.1, 3600)),
         "max_timeout": _Key("a number from 0.1 to 3600 (seconds)", _number(0.1, 3600)),
-        "timeouts": _Key('a table of "path.method" glob = seconds (0.1 to 3600)', _timeouts),
+        "timeouts": _Key('a table of "path.method" glob = seconds (0.1 to 3600)',
+                         _seconds_table(0.1, 3600)),
         "max_age": _Key("a number from 1 to 86400 (seconds)", _number(1, 86400)),
+        "max_ages": _Key('a table of "path.method" glob = seconds (1 to 86400)',
+                         _seconds_table(1, 86400)),
+        "clock_skew": _Key("a number from 0 to 300 (seconds)", _number(0, 300)),
         "output_cap": _Key("an integer from 1024 to 67108864 (bytes)",
                            _number(1024, 64 << 20, True)),
         "allow": _Key('a list of "path.method" glob patterns', _string_list),
@@ -344,6 +369,7 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "batch_delay_ms": _Key("a number from 0 to 1000", _number(0, 1000)),
         "outbox_bytes": _Key("an integer from 65536 to 67108864", _number(65536, 64 << 20, True)),
         "qos": _Key("0 or 1", _number(0, 1, True)),
+        "start_max_age": _Key("a number from 1 to 86400 (seconds)", _number(1, 86400)),
     },
     "update": {
         "max_bytes": _Key("an integer from 65536 to 268435456 (bytes)",
@@ -700,11 +726,11 @@ def _build(raw: _Raw, sources: tuple[str, ...], warnings: tuple[str, ...],
                           f"cert_file: expected both or neither")
     check_tls_files(tls, lambda key: str(raw[("tls", key)][1]))
     rpc_values = _section(raw, "rpc")
-    if "timeouts" in rpc_values:  # the user's patterns first; built-in ones still apply after
-        user = rpc_values["timeouts"]
-        rpc_values["timeouts"] = user + tuple(
-            (pattern, seconds) for pattern, seconds in RpcConfig.timeouts
-            if pattern not in {p for p, _ in user})
+    for key, builtin in (("timeouts", RpcConfig.timeouts), ("max_ages", RpcConfig.max_ages)):
+        if key in rpc_values:  # the user's patterns first; built-in ones still apply after
+            user = rpc_values[key]
+            rpc_values[key] = user + tuple((pattern, seconds) for pattern, seconds in builtin
+                                           if pattern not in {p for p, _ in user})
     rpc = RpcConfig(**rpc_values)
     if rpc.max_timeout < rpc.default_timeout:
         raise ConfigError(f"{_where(raw, 'rpc', 'max_timeout', 'default_timeout')}: [rpc] "

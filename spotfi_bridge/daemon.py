@@ -12,10 +12,11 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from spotfi_bridge import __version__, aio, logs, mqtt_compat
 from spotfi_bridge.config import Config, ConfigError, load_config
+from spotfi_bridge.freshness import Delivery, Freshness
 from spotfi_bridge.link import MqttLink
 from spotfi_bridge.metrics import MetricsCollector, MetricsPublisher
 from spotfi_bridge.protocol import Topics
@@ -29,6 +30,21 @@ log = logging.getLogger("spotfi_bridge.daemon")
 SHUTDOWN_BUDGET = 2.5
 #: sysexits.h EX_SOFTWARE: the exit status after an unexpected failure (procd respawns).
 EX_SOFTWARE = 70
+#: Tests only: seconds added to the router's wall clock as the age rule reads it, to play a
+#: router whose clock is wrong (no RTC, NTP not synced yet). Never set on a router.
+TEST_CLOCK_OFFSET_ENV = "SPOTFI_TEST_WALL_CLOCK_OFFSET"
+
+
+def _wall_clock() -> Callable[[], float]:
+    try:
+        offset = float(os.environ.get(TEST_CLOCK_OFFSET_ENV, "0") or 0)
+    except ValueError:
+        offset = 0.0
+    if not offset:
+        return time.time
+    log.warning("%s=%g: the age rule reads a wall clock %g s off (tests only)",
+                TEST_CLOCK_OFFSET_ENV, offset, offset)
+    return lambda: time.time() + offset
 
 
 class Daemon:
@@ -51,6 +67,7 @@ class Daemon:
         loop.set_exception_handler(self._loop_exception)
         config = self.config
         self.topics = Topics(config.router.id)
+        self.freshness = Freshness(config.rpc.clock_skew, wall=_wall_clock())
         self.link = MqttLink(config, self._dispatch, on_connected=self._on_connected)
         self.updater = Updater(config.update, UpdatePaths.from_environ(os.environ))
         self._build_workers(config)
@@ -123,11 +140,13 @@ class Daemon:
     def _build_workers(self, config: Config) -> None:
         backend = make_backend(config.rpc)
         self.rpc_backend_name = getattr(backend, "name", type(backend).__name__)
-        self.terminal = SessionManager(config.terminal, self.link.publish, self.topics)
+        self.terminal = SessionManager(config.terminal, self.link.publish, self.topics,
+                                       freshness=self.freshness)
         self.rpc = RpcExecutor(config.rpc, self.link.publish, self.topics.rpc_response, backend,
                                info=self.info, sessions=self.terminal.sessions,
                                secrets=lambda: (self.config.router.token,),
-                               update=self.updater.start)
+                               update=self.updater.start,
+                               freshness=self.freshness)
 
     async def shutdown(self) -> None:
         """Sessions end (each told why), RPC children die, OFFLINE goes out, then disconnect."""
@@ -149,11 +168,11 @@ class Daemon:
 
     # ------------------------------------------------------------------ wiring
 
-    def _dispatch(self, topic: str, payload: bytes) -> None:
+    def _dispatch(self, topic: str, payload: bytes, delivery: Delivery) -> None:
         if topic == self.topics.rpc_request:
-            self.rpc.handle(payload)
+            self.rpc.handle(payload, delivery)
         elif topic == self.topics.x_in:
-            self.terminal.handle(payload)
+            self.terminal.handle(payload, delivery)
         else:
             self.stats["unexpected_topic"] += 1
             log.debug("ignored a message on unexpected topic %s", topic)
@@ -180,6 +199,7 @@ class Daemon:
             "broker": _public_url(self.config),
             "backend": self.rpc_backend_name,
             "link": self.link.counters(),
+            "clock": self.freshness.info(),
             "terminal": {"sessions": len(self.terminal), **self.terminal.counters()},
             "metrics": {"sent": self.metrics.sent, "skipped": self.metrics.skipped,
                         "interval": self.metrics.interval},
@@ -225,6 +245,7 @@ class Daemon:
             self.terminal.reconfigure(config.terminal)
         self.metrics.interval = config.metrics.interval
         self.updater.config = config.update
+        self.freshness.clock_skew = config.rpc.clock_skew
         changed = self.link.reconfigure(config)
         self.config = config
         log.info("config reloaded%s", " (reconnecting)" if changed else "")

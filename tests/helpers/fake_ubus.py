@@ -42,6 +42,7 @@ path="$2"; method="$3"; args="$4"
 [ -n "$FAKE_UBUS_CALLS" ] && printf '%s %s %s\n' "$path" "$method" "$args" >> "$FAKE_UBUS_CALLS"
 case "$path.$method" in
   system.info) echo '@SYSTEM_INFO@' ;;
+  file.exec) echo '{"code":0,"stdout":"","stderr":""}' ;;
   system.*) exit 3 ;;
   echo.args) printf '{"timeout":%s,"args":%s}\n' "$timeout" "$args" ;;
   echo.empty) ;;

@@ -45,7 +45,7 @@ class Harness:
 
     def __init__(self, config: Config) -> None:
         self.received: list[tuple[str, bytes]] = []
-        self.link = MqttLink(config, lambda t, p: self.received.append((t, p)))
+        self.link = MqttLink(config, lambda t, p, _d: self.received.append((t, p)))
         self.task: Optional[asyncio.Task[None]] = None
 
     async def __aenter__(self) -> Harness:

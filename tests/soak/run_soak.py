@@ -65,9 +65,12 @@ connect_timeout = 3
 [rpc]
 backend = "local"
 max_concurrent = 4
+# this API side waits OP_TIMEOUT (90 s) for every answer: the bridge's windows say so
+max_age = 90
 [terminal]
 shell = ["/bin/sh"]
 max_sessions = 8
+start_max_age = 90
 """
 OP_TIMEOUT = 90.0  # a round may wait out a black hole and a reconnect
 RESULTS = Path(__file__).resolve().parent / "results"

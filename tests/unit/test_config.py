@@ -331,6 +331,34 @@ default_timeout = 20
     assert env.timeout_for("uci", "commit") == 10.0
 
 
+def test_rpc_max_ages_table_and_max_age_for(tmp_path: Path) -> None:
+    default = load_config(None, dict(BASE_ENV))
+    assert default.rpc.max_age_for("file", "exec") == 120.0  # the API waits 120 s for opkg
+    assert default.rpc.max_age_for("system", "reboot") == default.rpc.max_age == 30.0
+    assert default.rpc.clock_skew == 5.0 and default.terminal.start_max_age == 30.0
+
+    toml = write(tmp_path / "a.toml", """\
+[rpc]
+max_age = 10
+clock_skew = 2
+
+[rpc.max_ages]
+"system.*" = 60
+
+[terminal]
+start_max_age = 15
+""")
+    cfg = load_config(toml, dict(BASE_ENV))
+    assert cfg.rpc.max_age_for("system", "reboot") == 60.0
+    assert cfg.rpc.max_age_for("file", "exec") == 120.0   # the built-in pattern still applies
+    assert cfg.rpc.max_age_for("uci", "get") == 10.0
+    assert (cfg.rpc.clock_skew, cfg.terminal.start_max_age) == (2.0, 15.0)
+    assert cfg.redacted()["rpc"]["max_ages"] == {"system.*": 60.0, "file.exec": 120.0}
+
+    env = load_config(None, {**BASE_ENV, "SPOTFI_RPC_MAX_AGES": "file.exec=300"}).rpc
+    assert env.max_ages == (("file.exec", 300.0),)
+
+
 # --------------------------------------------------------------------------- error paths
 
 TOML_ERRORS = [
@@ -373,6 +401,13 @@ TOML_ERRORS = [
     ("rpc", "compat", '"sometimes"', "true or false"),
     ("rpc", "init_dir", '"etc/init.d"', "an absolute path"),
     ("rpc", "init_dir", "1", "an absolute path"),
+    ("rpc", "max_age", "0", "1 to 86400"),
+    ("rpc", "max_ages", '{ "file.exec" = 0.5 }', "glob = seconds (1 to 86400)"),
+    ("rpc", "max_ages", '{ "file.exec" = "long" }', "glob = seconds (1 to 86400)"),
+    ("rpc", "max_ages", "[120]", "glob = seconds (1 to 86400)"),
+    ("rpc", "clock_skew", "-1", "0 to 300"),
+    ("rpc", "clock_skew", "301", "0 to 300"),
+    ("terminal", "start_max_age", "0", "1 to 86400"),
     ("terminal", "shell", "[]", "command line"),
     ("terminal", "shell", '["/bin/sh", 3]', "command line"),
     ("terminal", "shell", '"sh \\"unterminated"', "command line"),

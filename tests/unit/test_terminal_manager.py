@@ -17,6 +17,7 @@ import re
 import signal
 import socket
 import subprocess
+import time
 from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable, Optional
 
@@ -24,6 +25,7 @@ import pytest
 
 from spotfi_bridge import protocol
 from spotfi_bridge.config import TerminalConfig
+from spotfi_bridge.freshness import Delivery, Freshness
 from spotfi_bridge.protocol import Topics
 from spotfi_bridge.publish import OnSent
 from spotfi_bridge.terminal import SessionManager
@@ -816,4 +818,29 @@ def test_a_failing_start_leaves_no_shell_behind() -> None:
         assert manager.counters()["internal_error"] == 1
         await until(lambda: not my_sleepers(), "no shell left running")
         assert not my_zombies()
+    run(body)
+
+
+# --------------------------------------------------------------------------- stale x-start
+
+
+def test_a_stale_x_start_opens_nothing_a_fresh_one_opens() -> None:
+    async def body() -> None:
+        freshness = Freshness(5.0)
+        manager, link = new_manager(freshness=freshness)
+        now_ms = int(time.time() * 1000)
+        # epoch ms (the API's x-start may carry either): the clock agrees, so it is trusted
+        await start(manager, link, "fresh", timestamp=now_ms)
+        assert freshness.trusted()
+        manager.handle(protocol.api_x_start("stale", "spotfi/api/i1/x/out",
+                                            timestamp="2025-12-19T10:00:00.000Z"))
+        error = await link.wait_x("stale", "x-error")
+        assert error["reason"] == "expired" and error["age"] > 3600 and error["maxAge"] == 30
+        assert manager.counters()["expired"] == 1 and len(manager) == 1
+        assert [s["id"] for s in manager.sessions()] == ["fresh"]
+        # queued by the broker during an outage of unknown length, untrusted: refused too
+        manager.handle(protocol.api_x_start("queued", "spotfi/api/i1/x/out"),
+                       Delivery(queued=True, outage=None))
+        assert (await link.wait_x("queued", "x-error"))["reason"] == "expired"
+        await manager.shutdown()
     run(body)
