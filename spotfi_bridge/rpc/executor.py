@@ -171,7 +171,6 @@ class RpcExecutor:
         self._backend = CompatBackend(backend, config)
         self._update = update
         self._freshness = freshness or Freshness(config.clock_skew, wall=clock)
-        self._clock = clock
         self._started = time.monotonic()
         self._dedup = DedupTable(config.dedup_window, time.monotonic,
                                  max_entries=dedup_max_entries, max_bytes=dedup_max_bytes)
