@@ -333,7 +333,7 @@ def test_removal_deletes_the_package_dirs_left_empty_and_nothing_else(
     assert left == sorted([
         "etc", "etc/init.d", "etc/spotfi", "etc/spotfi/bridge.toml",  # /etc/spotfi not empty
         "lib", "lib/apk", "lib/apk/packages",  # the system's
-        "usr", "usr/bin", "usr/lib",
+        "usr", "usr/bin", "usr/lib", "usr/libexec",  # the system's
         "usr/lib/spotfi-bridge", "usr/lib/spotfi-bridge/spotfi_bridge",
         "usr/lib/spotfi-bridge/spotfi_bridge/rpc",
         "usr/lib/spotfi-bridge/spotfi_bridge/rpc/notes.txt"])
@@ -343,7 +343,7 @@ def test_removal_deletes_the_package_dirs_left_empty_and_nothing_else(
     subprocess.run([*shell(), str(script)], env=env, check=True, timeout=30)
     left = sorted(str(path.relative_to(root)) for path in root.rglob("*"))
     assert left == ["etc", "etc/init.d", "lib", "lib/apk", "lib/apk/packages",
-                    "usr", "usr/bin", "usr/lib"]
+                    "usr", "usr/bin", "usr/lib", "usr/libexec"]
 
 
 # --------------------------------------------------------------------------- tools
