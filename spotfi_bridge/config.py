@@ -392,8 +392,9 @@ IGNORED_ENV_NAMES = {
 }
 #: Variables that steer loading itself, not config keys.
 LOADER_ENV_NAMES = {"SPOTFI_CONFIG", "SPOTFI_ENV_FILE"}
-#: SPOTFI_* variables of other programs: spotfi-bridge-ctl, the package's launcher, bench.
-OTHER_PROGRAMS_ENV_PREFIXES = ("SPOTFI_CTL_", "SPOTFI_BRIDGE_")
+#: SPOTFI_* variables of other programs (spotfi-bridge-ctl, the package's launcher and update
+#: helper, bench) and the tests' own hooks (SPOTFI_TEST_*): not settings, never warned about.
+OTHER_PROGRAMS_ENV_PREFIXES = ("SPOTFI_CTL_", "SPOTFI_BRIDGE_", "SPOTFI_TEST_")
 
 
 def env_name(section: str, key: str) -> str:

@@ -57,8 +57,9 @@ MAX_INFLIGHT = 100
 COUNTER_NAMES = (
     "connect_attempts", "connects", "connect_failures", "connect_refused", "auth_refused",
     "disconnects", "socket_errors", "published", "received", "inbound_redelivered",
-    "inbound_oversized", "handler_errors", "outbox_refused", "dropped_qos0",
-    "dropped_send_error", "dropped_invalid_topic", "dropped_at_close",
+    "inbound_oversized", "inbound_queued", "inbound_retained", "handler_errors",
+    "outbox_refused", "dropped_qos0", "dropped_send_error", "dropped_invalid_topic",
+    "dropped_at_close",
 )
 
 
