@@ -7,14 +7,42 @@ callbacks installed by :func:`bind_callbacks`.
 
 from __future__ import annotations
 
+import importlib.util
 import socket
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 if TYPE_CHECKING:
     import ssl
 
-import paho.mqtt.client as paho
+
+def _defer_import(name: str) -> None:
+    """Make ``name`` a lazily loaded module (the stdlib's ``LazyLoader``), unless it is
+    already loaded: it is executed on its first attribute access, so nothing changes for
+    whoever uses it.
+
+    paho (1.6.1 and 2.x) imports ``urllib.request`` (with http.client, email and tempfile:
+    1.8 MiB on a 32-bit router) only to read proxy settings from the environment, which it
+    does only when PySocks is installed.
+    """
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:
+        return
+    loader = importlib.util.LazyLoader(spec.loader)
+    spec.loader = loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    loader.exec_module(module)
+    parent, _, child = name.rpartition(".")
+    setattr(sys.modules[parent], child, module)
+
+
+_defer_import("urllib.request")
+
+import paho.mqtt.client as paho  # noqa: E402
 
 PAHO_2 = hasattr(paho, "CallbackAPIVersion")
 PAHO_VERSION: str = getattr(paho, "__version__", "") or __import__("paho.mqtt").mqtt.__version__
