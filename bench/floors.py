@@ -3,7 +3,10 @@
 ``python -m bench.floors serve`` is the minimal MQTT client that stands in for
 the bridge: it echoes ``x/in`` and ``rpc/request`` payloads straight back
 unchanged and, on request, publishes a byte stream as ``x-data`` messages of
-the bridge's batch size. The other floors run inside the bench process: a bare
+the bridge's batch size. ``python -m bench.floors relay`` is the minimal terminal:
+it types every ``x-data`` from ``x/in`` into a shell on a PTY and publishes what the
+PTY prints as ``x-data``, the least a bridge must do per keystroke. The other
+floors run inside the bench process: a bare
 reader draining a command from a local PTY (no MQTT), the import time and RSS
 of the bridge's dependencies, and the fake ubus's exec time.
 """
@@ -11,9 +14,11 @@ of the bridge's dependencies, and the fake ubus's exec time.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import resource
+import select
 import subprocess
 import sys
 import time
@@ -25,9 +30,17 @@ import paho.mqtt.client as paho
 from spotfi_bridge import mqtt_compat
 from spotfi_bridge.protocol import Topics, x_data
 
-#: What the bridge imports that costs: the import floor of start-up time and RSS.
-IMPORTS = "paho.mqtt.client, psutil, ptyprocess, asyncio, json, ssl"
+#: What the bridge needs to import: the import floor of start-up time and RSS. psutil is
+#: not among them (a router's metrics come from ubus and /proc), and paho's urllib.request
+#: is deferred as the bridge defers it (``mqtt_compat._defer_import``), so that the floor is
+#: what the dependencies cost at least.
+IMPORTS = "paho.mqtt.client, ptyprocess, asyncio, json, ssl"
 IMPORT_CODE = (
+    "import importlib.util, sys\n"
+    "spec = importlib.util.find_spec('urllib.request')\n"
+    "spec.loader = importlib.util.LazyLoader(spec.loader)\n"
+    "module = sys.modules['urllib.request'] = importlib.util.module_from_spec(spec)\n"
+    "spec.loader.exec_module(module)\n"
     f"import {IMPORTS}\n"
     "import time\n"
     "t = time.perf_counter()\n"
@@ -109,6 +122,71 @@ def serve(port: int, router_id: str, out_topic: str, max_inflight: int) -> int:
                 streams.pop(0)
 
 
+def relay(port: int, router_id: str, out_topic: str, qos: int, shell: str) -> int:
+    """The keystroke floor: ``x-data`` from ``x/in`` typed into ``shell`` on a PTY, and the
+    PTY's output published to ``out_topic`` as ``x-data`` with ``seq``, one message a read.
+
+    One select loop over the broker socket and the PTY master, as paho's own ``loop``.
+    """
+    topics = Topics(router_id)
+    master, slave = os.openpty()
+    proc = subprocess.Popen([shell], stdin=slave, stdout=slave, stderr=slave,
+                            start_new_session=True)
+    os.close(slave)
+    os.set_blocking(master, False)
+    state = {"subscribed": False, "seq": 0}
+    session = ["relay"]
+
+    def on_connect(result: mqtt_compat.ConnectResult) -> None:
+        if result.ok:
+            client.subscribe(topics.x_in, 1)
+
+    def on_message(topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        message = json.loads(payload)
+        if message.get("type") == "x-data":
+            session[0] = message["sessionId"]
+            os.write(master, base64.b64decode(message["data"]))
+
+    client = mqtt_compat.new_client(f"bench-relay-{os.getpid()}", clean_session=True)
+    mqtt_compat.bind_callbacks(client, on_connect=on_connect, on_disconnect=lambda rc: None,
+                               on_message=on_message, on_publish=lambda mid: None)
+    client.on_socket_open = lambda _c, _u, sock: _nodelay(sock)
+    client.on_subscribe = lambda *args: state.__setitem__("subscribed", True)
+    client.max_inflight_messages_set(100)
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", port, keepalive=60)
+    announced = False
+    try:
+        while True:
+            sock = client.socket()
+            if sock is None:
+                return 1
+            wants = [sock] if client.want_write() else []
+            readable, _, _ = select.select([sock, master], wants, [], 1.0)
+            if sock in readable and client.loop_read() != paho.MQTT_ERR_SUCCESS:
+                return 1  # broker gone
+            if master in readable:
+                try:
+                    data = os.read(master, 65536)
+                except BlockingIOError:
+                    data = b""
+                except OSError:  # the shell is gone
+                    return 0
+                if data:
+                    client.publish(out_topic, x_data(session[0], data, state["seq"]), qos=qos)
+                    state["seq"] += 1
+            if client.want_write():
+                client.loop_write()
+            client.loop_misc()
+            if not announced and state["subscribed"]:
+                print("ready", flush=True)
+                announced = True
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(master)
+
+
 def _nodelay(sock: Any) -> None:
     from bench.api import set_nodelay
 
@@ -116,18 +194,23 @@ def _nodelay(sock: Any) -> None:
 
 
 class FloorProcess:
-    """The ``serve`` floor as a child of the bench."""
+    """The ``serve`` floor (or, with ``relay_qos``, the ``relay`` floor) as a child of the bench."""
 
-    def __init__(self, port: int, router_id: str, out_topic: str, max_inflight: int = 100) -> None:
+    def __init__(self, port: int, router_id: str, out_topic: str, max_inflight: int = 100,
+                 relay_qos: Optional[int] = None, shell: str = "/bin/sh") -> None:
         self.router_id = router_id
         self.topics = Topics(router_id)
         self.out_topic = out_topic
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=root)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.floors", "serve", "--port", str(port), "--router",
-             router_id, "--out-topic", out_topic, "--max-inflight", str(max_inflight)],
-            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, cwd=root)
+        common = ["--port", str(port), "--router", router_id, "--out-topic", out_topic]
+        if relay_qos is None:
+            argv = ["serve", *common, "--max-inflight", str(max_inflight)]
+        else:
+            argv = ["relay", *common, "--qos", str(relay_qos), "--shell", shell]
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.floors", *argv],
+                                     stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
+                                     cwd=root)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if line.strip() != b"ready":
@@ -177,7 +260,6 @@ def drain_pty(argv: list[str]) -> tuple[bytes, float]:
 
 def drain_ptys(argv: list[str], count: int) -> list[tuple[bytes, float]]:
     """``count`` copies of ``argv`` on their own PTYs at once, drained by one select loop."""
-    import select
 
     started = time.perf_counter()
     masters: dict[int, list[bytes]] = {}
@@ -220,8 +302,6 @@ class PtyEcho:
         self._drain_prompt()
 
     def _drain_prompt(self) -> None:
-        import select
-
         while select.select([self.master], [], [], 0.3)[0]:
             os.read(self.master, 65536)
 
@@ -267,8 +347,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     serve_cmd.add_argument("--router", required=True)
     serve_cmd.add_argument("--out-topic", required=True)
     serve_cmd.add_argument("--max-inflight", type=int, default=100)
+    relay_cmd = sub.add_parser("relay", help="the minimal keystroke relay to a shell on a PTY")
+    relay_cmd.add_argument("--port", type=int, required=True)
+    relay_cmd.add_argument("--router", required=True)
+    relay_cmd.add_argument("--out-topic", required=True)
+    relay_cmd.add_argument("--qos", type=int, default=1)
+    relay_cmd.add_argument("--shell", default="/bin/sh")
     args = parser.parse_args(argv)
     try:
+        if args.command == "relay":
+            return relay(args.port, args.router, args.out_topic, args.qos, args.shell)
         return serve(args.port, args.router, args.out_topic, args.max_inflight)
     except KeyboardInterrupt:
         return 0

@@ -70,6 +70,9 @@ FLOOR_ID = "bench-floor"
 API_OUT = "spotfi/api/bench/x/out"
 FLOOR_OUT = "spotfi/api/bench-floor/x/out"
 FLOOR_STREAM_OUT = "spotfi/api/bench-floor-stream/x/out"
+RELAY_ID = "bench-relay"
+RELAY_OUT = "spotfi/api/bench-relay/x/out"
+RELAY_SESSION = "relay-keys"
 SHELL = "/bin/sh"
 END_COMMAND = 'echo BENCH-""END'  # the typed line's echo does not contain the marker
 MB = 1e6
@@ -240,6 +243,7 @@ class Bench:
         self.bridge: Optional[BridgeProcess] = None
         self.sinks = Sinks()
         self.floor_stream = Sinks()
+        self.relay_sinks = Sinks()
         self.floor_echoes: list[float] = []
         self.status: list[tuple[bytes, float]] = []
         self.metrics_at: list[float] = []
@@ -250,6 +254,7 @@ class Bench:
             tables.setdefault(section, {}).update(values)
         self.toml = toml_text(tables)
         self.cpu_at_online = math.nan
+        self.fresh_rss_mb = math.nan  # the workload's bridge, idle after its first metrics
         self.py_spy: Optional[str] = None
         if settings.profile:
             self.py_spy = find_py_spy()
@@ -341,6 +346,7 @@ class Bench:
         self.a.on(self.floor_topics.rpc_response, self._rpc_reply)
         self.a.on(FLOOR_OUT, lambda p, at: self.floor_echoes.append(at))
         self.a.on(FLOOR_STREAM_OUT, self.floor_stream)
+        self.a.on(RELAY_OUT, self.relay_sinks)
         self.floor = FloorProcess(self.broker.port, FLOOR_ID, FLOOR_OUT)
 
     def teardown(self) -> None:
@@ -456,7 +462,8 @@ class Bench:
         self.setup()
         phases: list[tuple[str, str, Callable[[], None], list[tuple[str, str]]]] = [
             ("keys", "keystroke echo", self.bench_keystrokes,
-             [("keystroke echo p50", "ms"), ("keystroke echo p99", "ms")]),
+             [("keystroke echo p50", "ms"), ("keystroke echo p99", "ms"),
+              ("keystroke CPU of the bridge (in and out)", "us/key")]),
             ("bulk", "bulk output", self.bench_bulk, [("bulk output", "MB/s")]),
             ("rpc", "rpc round trips", self.bench_rpc,
              [("rpc bridge ping p50", "ms"), ("rpc system info p50", "ms")]),
@@ -477,6 +484,12 @@ class Bench:
                     self.phase("start-up profile", self.profile_start, [])
             if self.bridge is None:
                 self.bridge, _ = self.start_bridge()
+                mark = len(self.metrics_at)
+                self.wait_count(self.metrics_at, mark, 15, "the first metrics")
+                self.a.pump(None, 0.3)
+                self.fresh_rss_mb = procfs.memory_kib(self.bridge.pid)["VmRSS"] / 1024
+            else:  # the last start's bridge carries on
+                self.fresh_rss_mb = self.raw["start"]["rss_mb"][-1]
             self.raw["bridge_threads_at_start"] = procfs.thread_names(self.bridge.pid)
             for key, name, body, figures in phases:
                 if key == "idle" and self.s.wants("idle"):
@@ -516,7 +529,7 @@ class Bench:
                         reps=starts, rep_floors=imports))
         self.add(Figure("start CPU to ONLINE", median(cpu), "ms", median(cpu_floor), reps=cpu,
                         rep_floors=cpu_floor, note="floor: CPU of the import alone"))
-        self.add(Figure("RSS idle", median(rss), "MB", median(rss_floor), "max_over", 2, reps=rss,
+        self.add(Figure("RSS idle", median(rss), "MB", median(rss_floor), "max_over", 1, reps=rss,
                         rep_floors=rss_floor))
 
     # keystrokes ---------------------------------------------------------------
@@ -533,40 +546,80 @@ class Bench:
         self.a.pump(lambda: len(self.floor_echoes) > mark, 5, "the floor's echo")
         return self.floor_echoes[mark] - sent
 
-    def bench_keystrokes(self) -> None:
-        sink = self.open_session()
-        keys = (b"a", b"\x7f")  # type a letter, erase it: the line never grows
+    def _relay_key(self, sink: SessionSink, key: bytes, echo: bytes) -> float:
+        mark = len(sink.chunks)
+        sent = self.a.publish(Topics(RELAY_ID).x_in, protocol.api_x_data(RELAY_SESSION, key))
+        self.a.pump(lambda: sink.output(mark).endswith(echo), 5, f"the relay's echo of {key!r}")
+        return sink.chunks[-1].at - sent
+
+    def _learn_echoes(self, keys: tuple[bytes, ...], chunks: list[Any],
+                      send: Callable[[bytes], Any], output: Callable[[int], bytes]
+                      ) -> dict[bytes, bytes]:
+        """What the shell prints for each key (its echo), typed a few times."""
         echoes: dict[bytes, bytes] = {}
         for _ in range(3):
             for key in keys:
-                mark = len(sink.chunks)
-                self.type(sink, key)
-                self.wait_count(sink.chunks, mark, 5, "an echo")
+                mark = len(chunks)
+                send(key)
+                self.wait_count(chunks, mark, 5, "an echo")
                 self.a.pump(None, 0.05)
-                echoes[key] = sink.output(mark)
+                echoes[key] = output(mark)
+        return echoes
+
+    def bench_keystrokes(self) -> None:
+        assert self.broker is not None and self.bridge is not None
+        relay = FloorProcess(self.broker.port, RELAY_ID, RELAY_OUT, relay_qos=self.terminal.qos,
+                             shell=SHELL)
+        try:
+            self._keystrokes(relay)
+        finally:
+            relay.close()
+
+    def _keystrokes(self, relay: FloorProcess) -> None:
+        assert self.bridge is not None
+        sink = self.open_session()
+        relay_sink = self.relay_sinks.add(SessionSink(RELAY_SESSION))
+        keys = (b"a", b"\x7f")  # type a letter, erase it: the line never grows
+        echoes = self._learn_echoes(keys, sink.chunks, lambda k: self.type(sink, k), sink.output)
+        relay_topic = Topics(RELAY_ID).x_in
+        relay_echoes = self._learn_echoes(
+            keys, relay_sink.chunks,
+            lambda k: self.a.publish(relay_topic, protocol.api_x_data(RELAY_SESSION, k)),
+            relay_sink.output)
         pty = PtyEcho(SHELL)
         for _ in range(10):  # warm-up
             for key in keys:
                 self._bridge_key(sink, key, echoes[key])
                 self._floor_key(key)
+                self._relay_key(relay_sink, key, relay_echoes[key])
                 pty.sample(key, len(echoes[key]))
-        per_rep: dict[str, list[list[float]]] = {"bridge": [], "floor": [], "pty": []}
+        per_rep: dict[str, list[list[float]]] = {"bridge": [], "floor": [], "pty": [],
+                                                 "relay": []}
+        cpu: dict[str, list[float]] = {"bridge": [], "relay": []}  # CPU microseconds per key
         for _rep in range(self.s.reps):
-            bridge, floor, local = [], [], []
+            samples: dict[str, list[float]] = {who: [] for who in per_rep}
+            before = {"bridge": procfs.snapshot(self.bridge.pid),
+                      "relay": procfs.snapshot(relay.pid)}
             for i in range(self.s.keystrokes):
                 key = keys[i % 2]
-                if (i // 2) % 2:
-                    bridge.append(self._bridge_key(sink, key, echoes[key]))
-                    floor.append(self._floor_key(key))
-                else:
-                    floor.append(self._floor_key(key))
-                    bridge.append(self._bridge_key(sink, key, echoes[key]))
-                local.append(pty.sample(key, len(echoes[key])))
-            per_rep["bridge"].append([x * 1000 for x in bridge])
-            per_rep["floor"].append([x * 1000 for x in floor])
-            per_rep["pty"].append([x * 1000 for x in local])
+                order = ["bridge", "floor", "relay"]
+                turn = (i // 2) % 3
+                for who in order[turn:] + order[:turn]:
+                    if who == "bridge":
+                        samples[who].append(self._bridge_key(sink, key, echoes[key]))
+                    elif who == "floor":
+                        samples[who].append(self._floor_key(key))
+                    else:
+                        samples[who].append(self._relay_key(relay_sink, key, relay_echoes[key]))
+                samples["pty"].append(pty.sample(key, len(echoes[key])))
+            for who, pid in (("bridge", self.bridge.pid), ("relay", relay.pid)):
+                used = procfs.cost_between(before[who], procfs.snapshot(pid)).cpu_s
+                cpu[who].append(used * 1e6 / self.s.keystrokes)
+            for who in per_rep:
+                per_rep[who].append([x * 1000 for x in samples[who]])
         pty.close()
         self.close_session(sink)
+        self.relay_sinks.by_id.pop(RELAY_SESSION, None)
 
         def stat(who: str, q: float) -> tuple[float, list[float]]:
             values = [percentile(samples, q) for samples in per_rep[who]]
@@ -574,6 +627,7 @@ class Bench:
 
         self.raw["keystroke"] = {who: {f"p{q}": stat(who, q)[1] for q in (50, 95, 99)}
                                  for who in per_rep}
+        self.raw["keystroke"]["cpu_us_per_key"] = cpu
         self.raw["keystroke"]["echo_bytes"] = {k.decode("latin-1"): v.decode("latin-1")
                                                for k, v in echoes.items()}
         for q, kind, limit in ((50, "max_ratio", 1.3), (95, "info", None), (99, "max_ratio", 2.0)):
@@ -582,6 +636,13 @@ class Bench:
             self.add(Figure(f"keystroke echo p{q}", value, "ms", floor_value, kind, limit, reps=reps,
                             rep_floors=floor_reps))
         self.add(Figure("PTY's own echo p50", stat("pty", 50)[0], "ms", stat("floor", 50)[0]))
+        value, reps = stat("relay", 50)
+        self.add(Figure("keystroke echo via the PTY relay p50", value, "ms", stat("floor", 50)[0],
+                        reps=reps, rep_floors=stat("floor", 50)[1],
+                        note="floor: broker echo; the relay is the CPU floor below"))
+        self.add(Figure("keystroke CPU of the bridge (in and out)", median(cpu["bridge"]), "us/key",
+                        median(cpu["relay"]), "max_ratio", 1.5, reps=cpu["bridge"],
+                        rep_floors=cpu["relay"], note="floor: the minimal PTY relay"))
 
     # bulk output --------------------------------------------------------------
 
@@ -678,10 +739,14 @@ class Bench:
                         reps=rates["pty"]))
         self.add(Figure("bulk floor: minimal MQTT publisher", median(rates["mqtt"]), "MB/s",
                         reps=rates["mqtt"]))
+        # the least a bridge can spend: the bare reader's PTY reads plus the minimal
+        # publisher's framing and MQTT, both in the same repetition
+        cpu_floors = [p + m for p, m in zip(cpu["pty"], cpu["mqtt"])]
         self.add(Figure("bulk CPU of the bridge per MB", median(cpu["bridge"]), "ms/MB",
-                        median(cpu["pty"]), reps=cpu["bridge"],
-                        rep_floors=cpu["pty"],
-                        note=f"MQTT floor: {median(cpu['mqtt']):.0f} ms/MB"))
+                        median(cpu_floors), "max_ratio", 1.2, reps=cpu["bridge"],
+                        rep_floors=cpu_floors,
+                        note=f"floor: PTY reader {median(cpu['pty']):.1f} + minimal publisher "
+                             f"{median(cpu['mqtt']):.1f} ms/MB"))
         rss_floor = median(self.raw.get("start", {}).get("import_rss_mb", [math.nan]))
         self.add(Figure("RSS peak during bulk", memory["VmHWM"] / 1024, "MB", rss_floor))
 
@@ -840,8 +905,9 @@ class Bench:
         note = f"{elapsed:.0f} s window"
         self.add(Figure("idle CPU", cpu_per_min, "ms/min", None, "max_abs", 10, note=note))
         self.add(Figure("idle context switches", switches, "1/s", None, "max_abs", 0.5, note=note))
-        rss_floor = median(self.raw.get("start", {}).get("import_rss_mb", [math.nan]))
-        self.add(Figure("RSS idle after the workload", memory["VmRSS"] / 1024, "MB", rss_floor))
+        self.add(Figure("RSS idle after the workload", memory["VmRSS"] / 1024, "MB",
+                        self.fresh_rss_mb, "max_over", 1,
+                        note="floor: the same bridge idle before it"))
 
     # broker outage --------------------------------------------------------------
 
