@@ -49,6 +49,7 @@ IMPORT_CODE = (
 )
 
 STREAM_CONTROL_TOPIC = "bench/floor/stream"
+RELAY_STREAM_TOPIC = "bench/relay/stream"
 
 
 # ---------------------------------------------------------------------- MQTT floor process
@@ -122,36 +123,82 @@ def serve(port: int, router_id: str, out_topic: str, max_inflight: int) -> int:
                 streams.pop(0)
 
 
-def relay(port: int, router_id: str, out_topic: str, qos: int, shell: str) -> int:
-    """The keystroke floor: ``x-data`` from ``x/in`` typed into ``shell`` on a PTY, and the
-    PTY's output published to ``out_topic`` as ``x-data`` with ``seq``, one message a read.
+@dataclass
+class _Terminal:
+    """One PTY the relay reads: its output goes out as x-data, per read or in chunks."""
 
-    One select loop over the broker socket and the PTY master, as paho's own ``loop``.
-    """
-    topics = Topics(router_id)
+    proc: subprocess.Popen[bytes]
+    session: str
+    topic: str
+    chunk: int = 0  # 0: one message per read (keystrokes); else full chunks, the rest at EOF
+    pending: bytes = b""
+    seq: int = 0
+
+
+def _spawn_on_pty(argv: list[str]) -> tuple[int, subprocess.Popen[bytes]]:
     master, slave = os.openpty()
-    proc = subprocess.Popen([shell], stdin=slave, stdout=slave, stderr=slave,
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave,
                             start_new_session=True)
     os.close(slave)
     os.set_blocking(master, False)
-    state = {"subscribed": False, "seq": 0}
-    session = ["relay"]
+    return master, proc
+
+
+def relay(port: int, router_id: str, out_topic: str, qos: int, shell: str) -> int:
+    """The terminal floor: the least a bridge must do, in one select loop over the broker
+    socket and the PTY masters (as paho's own ``loop``).
+
+    Keystrokes: ``x-data`` from ``x/in`` typed into ``shell`` on a PTY, its output
+    published to ``out_topic`` as ``x-data`` with ``seq``, one message a read. Bulk: a
+    command named on ``RELAY_STREAM_TOPIC`` runs on its own PTY and its output is published
+    in messages of ``chunk`` bytes (the bridge's ``batch_bytes``), the rest at EOF.
+    """
+    topics = Topics(router_id)
+    master, proc = _spawn_on_pty([shell])
+    terminals = {master: _Terminal(proc, "relay", out_topic)}
+    subscribed = [False]
 
     def on_connect(result: mqtt_compat.ConnectResult) -> None:
         if result.ok:
-            client.subscribe(topics.x_in, 1)
+            client.subscribe([(topics.x_in, 1), (RELAY_STREAM_TOPIC, 1)])
 
     def on_message(topic: str, payload: bytes, qos: int, retain: bool) -> None:
         message = json.loads(payload)
-        if message.get("type") == "x-data":
-            session[0] = message["sessionId"]
+        if topic == RELAY_STREAM_TOPIC:
+            fd, child = _spawn_on_pty(message["command"])
+            terminals[fd] = _Terminal(child, message["session"], message["topic"],
+                                      int(message["chunk"]))
+        elif message.get("type") == "x-data":
+            terminals[master].session = message["sessionId"]
             os.write(master, base64.b64decode(message["data"]))
+
+    def send(term: _Terminal, data: bytes) -> None:
+        client.publish(term.topic, x_data(term.session, data, term.seq), qos=qos)
+        term.seq += 1
+
+    def on_readable(fd: int) -> None:
+        term = terminals[fd]
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:  # EIO: every slave side is closed
+            data = b""
+        term.pending += data
+        size = term.chunk or len(term.pending)
+        while term.pending and (len(term.pending) >= size or not data):
+            send(term, term.pending[:size])
+            term.pending = term.pending[size:]
+        if not data:
+            del terminals[fd]
+            os.close(fd)
+            term.proc.wait()
 
     client = mqtt_compat.new_client(f"bench-relay-{os.getpid()}", clean_session=True)
     mqtt_compat.bind_callbacks(client, on_connect=on_connect, on_disconnect=lambda rc: None,
                                on_message=on_message, on_publish=lambda mid: None)
     client.on_socket_open = lambda _c, _u, sock: _nodelay(sock)
-    client.on_subscribe = lambda *args: state.__setitem__("subscribed", True)
+    client.on_subscribe = lambda *args: subscribed.__setitem__(0, True)
     client.max_inflight_messages_set(100)
     client.max_queued_messages_set(0)
     client.connect("127.0.0.1", port, keepalive=60)
@@ -162,29 +209,25 @@ def relay(port: int, router_id: str, out_topic: str, qos: int, shell: str) -> in
             if sock is None:
                 return 1
             wants = [sock] if client.want_write() else []
-            readable, _, _ = select.select([sock, master], wants, [], 1.0)
+            readable, _, _ = select.select([sock, *terminals], wants, [], 1.0)
             if sock in readable and client.loop_read() != paho.MQTT_ERR_SUCCESS:
                 return 1  # broker gone
-            if master in readable:
-                try:
-                    data = os.read(master, 65536)
-                except BlockingIOError:
-                    data = b""
-                except OSError:  # the shell is gone
-                    return 0
-                if data:
-                    client.publish(out_topic, x_data(session[0], data, state["seq"]), qos=qos)
-                    state["seq"] += 1
+            for fd in readable:
+                if fd in terminals:
+                    on_readable(fd)
+            if master not in terminals:
+                return 0  # the shell is gone
             if client.want_write():
                 client.loop_write()
             client.loop_misc()
-            if not announced and state["subscribed"]:
+            if not announced and subscribed[0]:
                 print("ready", flush=True)
                 announced = True
     finally:
-        proc.kill()
-        proc.wait()
-        os.close(master)
+        for fd, term in terminals.items():
+            term.proc.kill()
+            term.proc.wait()
+            os.close(fd)
 
 
 def _nodelay(sock: Any) -> None:

@@ -47,6 +47,7 @@ from bench import procfs  # noqa: E402
 from bench.api import Api, SessionSink, Sinks  # noqa: E402
 from bench.fakeubus import write_fake_ubus  # noqa: E402
 from bench.floors import (  # noqa: E402
+    RELAY_STREAM_TOPIC,
     STREAM_CONTROL_TOPIC,
     FloorProcess,
     PtyEcho,
@@ -240,6 +241,7 @@ class Bench:
         self.broker: Optional[Mosquitto] = None
         self.api: Optional[Api] = None
         self.floor: Optional[FloorProcess] = None
+        self.relay: Optional[FloorProcess] = None
         self.bridge: Optional[BridgeProcess] = None
         self.sinks = Sinks()
         self.floor_stream = Sinks()
@@ -350,11 +352,11 @@ class Bench:
         self.floor = FloorProcess(self.broker.port, FLOOR_ID, FLOOR_OUT)
 
     def teardown(self) -> None:
-        bridge, floor, api, broker = self.bridge, self.floor, self.api, self.broker
+        bridge, floor, relay, api, broker = self.bridge, self.floor, self.relay, self.api, self.broker
         actions: list[Callable[[], None]] = []
         if bridge is not None:
             actions.append(lambda: self.stop_bridge(bridge))
-        actions += [c.close for c in (floor, api, broker) if c is not None]
+        actions += [c.close for c in (floor, relay, api, broker) if c is not None]
         for action in actions:
             try:
                 action()
@@ -566,17 +568,17 @@ class Bench:
                 echoes[key] = output(mark)
         return echoes
 
-    def bench_keystrokes(self) -> None:
-        assert self.broker is not None and self.bridge is not None
-        relay = FloorProcess(self.broker.port, RELAY_ID, RELAY_OUT, relay_qos=self.terminal.qos,
-                             shell=SHELL)
-        try:
-            self._keystrokes(relay)
-        finally:
-            relay.close()
+    def relay_floor(self) -> FloorProcess:
+        """The minimal terminal (``bench.floors relay``), started on first use."""
+        if self.relay is None:
+            assert self.broker is not None
+            self.relay = FloorProcess(self.broker.port, RELAY_ID, RELAY_OUT,
+                                      relay_qos=self.terminal.qos, shell=SHELL)
+        return self.relay
 
-    def _keystrokes(self, relay: FloorProcess) -> None:
+    def bench_keystrokes(self) -> None:
         assert self.bridge is not None
+        relay = self.relay_floor()
         sink = self.open_session()
         relay_sink = self.relay_sinks.add(SessionSink(RELAY_SESSION))
         keys = (b"a", b"\x7f")  # type a letter, erase it: the line never grows
@@ -681,21 +683,34 @@ class Bench:
         self.floor_stream.by_id.pop(session_id)
         return sink.end_at - started, self._verify_stream(sink, expected)
 
+    def _relay_bulk(self, session_id: str, count: int, expected: bytes) -> tuple[float, list[str]]:
+        """The minimal terminal publishing ``seq`` read from its own PTY, in chunks."""
+        sink = self.relay_sinks.add(SessionSink(session_id))
+        spec = {"command": [SHELL, "-c", f"echo; seq 1 {count} | cat; {END_COMMAND}"],
+                "chunk": self.terminal.batch_bytes, "session": session_id, "topic": RELAY_OUT}
+        started = self.a.publish(RELAY_STREAM_TOPIC, json.dumps(spec).encode())
+        self.a.pump(lambda: sink.end_at is not None, 300, "the end of the relay's stream")
+        assert sink.end_at is not None
+        self.relay_sinks.by_id.pop(session_id)
+        return sink.end_at - started, self._verify_stream(sink, expected)
+
     def bench_bulk(self) -> None:
         count = seq_count_for(self.s.bulk_bytes)
         expected = seq_bytes(count)
         stream_file = self.work / "stream.bin"
         stream_file.write_bytes(b"\r\n" + expected + b"BENCH-END\r\n")
         batch = self.terminal.batch_bytes
-        rates: dict[str, list[float]] = {"bridge": [], "pty": [], "mqtt": []}
+        rates: dict[str, list[float]] = {"bridge": [], "pty": [], "mqtt": [], "relay": []}
         problems: list[str] = []
         message_sizes: list[int] = []
         assert self.bridge is not None
-        cpu: dict[str, list[float]] = {"bridge": [], "pty": [], "mqtt": []}  # CPU s per MB
+        # CPU ms per MB
+        cpu: dict[str, list[float]] = {"bridge": [], "pty": [], "mqtt": [], "relay": []}
         assert self.floor is not None
+        relay = self.relay_floor()
         for rep in range(self.s.reps):
-            order = ["bridge", "pty", "mqtt"]
-            order = order[rep % 3:] + order[:rep % 3]
+            order = ["bridge", "pty", "mqtt", "relay"]
+            order = order[rep % 4:] + order[:rep % 4]
             for who in order:
                 if who == "pty":
                     before_self = resource.getrusage(resource.RUSAGE_SELF)
@@ -710,6 +725,11 @@ class Bench:
                     seconds, found = self._floor_bulk(f"floor-bulk-{rep}", stream_file, expected)
                     used = procfs.cost_between(before, procfs.snapshot(self.floor.pid)).cpu_s
                     problems += [f"mqtt floor: {p}" for p in found]
+                elif who == "relay":
+                    before = procfs.snapshot(relay.pid)
+                    seconds, found = self._relay_bulk(f"relay-bulk-{rep}", count, expected)
+                    used = procfs.cost_between(before, procfs.snapshot(relay.pid)).cpu_s
+                    problems += [f"relay floor: {p}" for p in found]
                 else:
                     sink = self.open_session()
                     before = procfs.snapshot(self.bridge.pid)
@@ -739,13 +759,15 @@ class Bench:
                         reps=rates["pty"]))
         self.add(Figure("bulk floor: minimal MQTT publisher", median(rates["mqtt"]), "MB/s",
                         reps=rates["mqtt"]))
-        # the least a bridge can spend: the bare reader's PTY reads plus the minimal
-        # publisher's framing and MQTT, both in the same repetition
-        cpu_floors = [p + m for p, m in zip(cpu["pty"], cpu["mqtt"])]
+        self.add(Figure("bulk floor: minimal PTY publisher", median(rates["relay"]), "MB/s",
+                        reps=rates["relay"]))
+        # the least a bridge can spend: the minimal terminal reading the same command from
+        # its PTY and publishing it in the same chunks, in the same repetition
         self.add(Figure("bulk CPU of the bridge per MB", median(cpu["bridge"]), "ms/MB",
-                        median(cpu_floors), "max_ratio", 1.2, reps=cpu["bridge"],
-                        rep_floors=cpu_floors,
-                        note=f"floor: PTY reader {median(cpu['pty']):.1f} + minimal publisher "
+                        median(cpu["relay"]), "max_ratio", 1.2, reps=cpu["bridge"],
+                        rep_floors=cpu["relay"],
+                        note=f"floor: minimal PTY publisher; bare PTY reader "
+                             f"{median(cpu['pty']):.1f}, file-fed publisher "
                              f"{median(cpu['mqtt']):.1f} ms/MB"))
         rss_floor = median(self.raw.get("start", {}).get("import_rss_mb", [math.nan]))
         self.add(Figure("RSS peak during bulk", memory["VmHWM"] / 1024, "MB", rss_floor))
@@ -929,9 +951,10 @@ class Bench:
 
     def bench_outage(self) -> None:
         assert self.broker is not None
-        if self.floor is not None:  # the floor is not needed any more and would not reconnect
-            self.floor.close()
-            self.floor = None
+        for floor in (self.floor, self.relay):  # not needed any more, would not reconnect
+            if floor is not None:
+                floor.close()
+        self.floor = self.relay = None
         values: list[float] = []
         for rep in range(self.s.outage_reps):
             if rep:  # each rep on a fresh bridge: the link's backoff remembers recent outages
