@@ -36,11 +36,9 @@ from spotfi_bridge.protocol import Topics, x_data
 #: what the dependencies cost at least.
 IMPORTS = "paho.mqtt.client, ptyprocess, asyncio, json, ssl"
 IMPORT_CODE = (
-    "import importlib.util, sys\n"
+    "import importlib.util, sys, urllib\n"
     "spec = importlib.util.find_spec('urllib.request')\n"
-    "spec.loader = importlib.util.LazyLoader(spec.loader)\n"
-    "module = sys.modules['urllib.request'] = importlib.util.module_from_spec(spec)\n"
-    "spec.loader.exec_module(module)\n"
+    "urllib.request = sys.modules['urllib.request'] = importlib.util.module_from_spec(spec)\n"
     f"import {IMPORTS}\n"
     "import time\n"
     "t = time.perf_counter()\n"
