@@ -30,20 +30,24 @@ import paho.mqtt.client as paho
 from spotfi_bridge import mqtt_compat
 from spotfi_bridge.protocol import Topics, x_data
 
-#: What the bridge needs to import: the import floor of start-up time and RSS. psutil is
-#: not among them (a router's metrics come from ubus and /proc), and paho's urllib.request
-#: is deferred as the bridge defers it (``mqtt_compat._defer_import``), so that the floor is
-#: what the dependencies cost at least.
+#: What the bridge needs to import, as a minimal client imports it: the import floor of
+#: start-up time and RSS. psutil is not among them (a router's metrics come from ubus and
+#: /proc).
 IMPORTS = "paho.mqtt.client, ptyprocess, asyncio, json, ssl"
 IMPORT_CODE = (
-    "import importlib.util, sys, urllib\n"
-    "spec = importlib.util.find_spec('urllib.request')\n"
-    "urllib.request = sys.modules['urllib.request'] = importlib.util.module_from_spec(spec)\n"
     f"import {IMPORTS}\n"
     "import time\n"
     "t = time.perf_counter()\n"
     "rss = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS')][0]\n"
     "print(t, rss)\n"
+)
+#: The same with paho's urllib.request registered but never executed, as the bridge defers
+#: it (``mqtt_compat._defer_import``): what the dependencies cost at the very least.
+DEFERRED_IMPORT_CODE = (
+    "import importlib.util, sys, urllib\n"
+    "spec = importlib.util.find_spec('urllib.request')\n"
+    "urllib.request = sys.modules['urllib.request'] = importlib.util.module_from_spec(spec)\n"
+    + IMPORT_CODE
 )
 
 STREAM_CONTROL_TOPIC = "bench/floor/stream"
@@ -360,12 +364,14 @@ class PtyEcho:
         self.proc.wait()
 
 
-def import_floor(env: dict[str, str], cwd: Optional[str] = None) -> tuple[float, int, float]:
+def import_floor(env: dict[str, str], cwd: Optional[str] = None, deferred: bool = False
+                 ) -> tuple[float, int, float]:
     """Seconds from spawn to the dependencies imported, the RSS (KiB) at that point, and the
-    CPU seconds the whole child used."""
+    CPU seconds the whole child used; ``deferred``: with paho's urllib.request deferred."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", IMPORT_CODE], env=env, cwd=cwd,
+    code = DEFERRED_IMPORT_CODE if deferred else IMPORT_CODE
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd,
                          capture_output=True, check=True).stdout.split()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
