@@ -18,7 +18,6 @@ import re
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Callable, Iterable, Optional
 
 from spotfi_bridge.config import RpcConfig
@@ -62,6 +61,8 @@ def parse_iso8601(text: str) -> Optional[float]:
         zone = f"{zone[0]}{digits[:2]}:{digits[2:4] or '00'}"
     else:
         zone = "+00:00"
+    from datetime import datetime  # 0.46 MB, and the API's requests carry no date-times
+
     try:
         return datetime.fromisoformat(base.replace(" ", "T") + zone).timestamp()
     except (ValueError, OverflowError):

@@ -18,6 +18,7 @@ NOT_ON_THE_DAEMONS_PATH = (
     "psutil",              # only without ubus (dry run on a PC)
     "http.client",         # paho's urllib.request, deferred: read only for a SOCKS proxy
     "email", "tempfile",
+    "datetime",            # only to read an RPC's timestamp or expiresAt, which the API omits
     "spotfi_bridge.ctl", "spotfi_bridge.devtools",
     "spotfi_bridge.rpc.local", "spotfi_bridge.rpc.sysinfo",
 )
