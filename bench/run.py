@@ -272,7 +272,7 @@ class Bench:
         return self.api
 
     def bridge_env(self) -> dict[str, str]:
-        return {"PATH": self.path, "SPOTFI_ENV_FILE": "/nonexistent", "SPOTFI_LOG_LEVEL": "info",
+        return {"PATH": self.path, "SPOTFI_ENV_FILE": os.devnull, "SPOTFI_LOG_LEVEL": "info",
                 "PYTHONPATH": str(self.bridge_src)}
 
     def new_bridge(self) -> BenchBridge:

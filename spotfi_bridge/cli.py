@@ -33,15 +33,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TOML config file (default: $SPOTFI_CONFIG or /etc/spotfi/bridge.toml)")
     parser.add_argument("--log-level", choices=LOG_LEVELS,
                         help="override [log] level")
+    parser.add_argument("--logd", action="store_true",
+                        help="stderr goes to logd (the init script under procd), which stamps "
+                             "every line: log without timestamps of our own")
     return parser
 
 
 def _parse_plain(argv: Sequence[str]) -> Optional[dict[str, Any]]:
-    """``[run|check-config] [--config PATH] [--log-level LEVEL]``, the forms procd and the
-    init script use, read without argparse (0.4 MB and milliseconds of start on a router).
-    ``None`` for anything else (help, version, abbreviations, mistakes): argparse then
-    answers exactly as it always did."""
-    values: dict[str, Any] = {"command": "run", "config": None, "log_level": None}
+    """``[run|check-config] [--config PATH] [--log-level LEVEL] [--logd]``, the forms procd
+    and the init script use, read without argparse (0.4 MB and milliseconds of start on a
+    router). ``None`` for anything else (help, version, abbreviations, mistakes): argparse
+    then answers exactly as it always did."""
+    values: dict[str, Any] = {"command": "run", "config": None, "log_level": None,
+                              "logd": False}
     command_seen = False
     rest = list(argv)
     while rest:
@@ -50,6 +54,9 @@ def _parse_plain(argv: Sequence[str]) -> Optional[dict[str, Any]]:
             if command_seen or item not in COMMANDS:
                 return None
             values["command"], command_seen = item, True
+            continue
+        if item == "--logd":
+            values["logd"] = True
             continue
         name, equals, value = item.partition("=")
         if name not in ("--config", "--log-level"):
@@ -86,7 +93,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(json.dumps(config.redacted(), indent=2, sort_keys=True))
         print("config OK", file=sys.stderr)
         return 0
-    logs.setup_logging(args.log_level or config.log_level, [config.router.token])
+    logs.setup_logging(args.log_level or config.log_level, [config.router.token],
+                       timestamps=not args.logd)
     for warning in config.warnings:
         log.warning("%s", warning)
     from spotfi_bridge.daemon import run_daemon

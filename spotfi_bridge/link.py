@@ -9,6 +9,11 @@ loop thread leaves paho alone and publishes wait in the link's own backlog.
 
 Presence: Last Will ``OFFLINE`` (retained, QoS 1); retained ``ONLINE`` after every
 successful connect; subscriptions restored every time; clean session off.
+
+Inbound: retained messages never reach the handler (a retained command would run at
+every start); each message goes with a :class:`~spotfi_bridge.freshness.Delivery`
+saying whether it came live or from the queue the broker kept during an outage, and
+how long that outage was (monotonic), which the age rule needs.
 """
 
 from __future__ import annotations
@@ -29,12 +34,14 @@ import paho.mqtt.client as paho
 
 from spotfi_bridge import mqtt_compat
 from spotfi_bridge.config import Config
+from spotfi_bridge.freshness import Delivery
 from spotfi_bridge.protocol import STATUS_OFFLINE, STATUS_ONLINE, Topics, topic_problem
 from spotfi_bridge.publish import OnSent
 
 log = logging.getLogger("spotfi_bridge.link")
 
-MessageHandler = Callable[[str, bytes], None]
+#: (topic, payload, how it was delivered); retained messages never reach it.
+MessageHandler = Callable[[str, bytes, Delivery], None]
 
 #: Recent inbound QoS 1 deliveries remembered to recognise the broker's resends.
 RECENT_INBOUND = 1024
@@ -44,6 +51,27 @@ QUICK_RETRY_WINDOW = 10.0
 
 #: Messages paho may have on the wire unacknowledged; more wait, in order, inside paho.
 MAX_INFLIGHT = 100
+
+#: Every counter ``bridge info`` shows under ``link``, zeros included: a counter that appears
+#: only once it moved cannot be told apart from one that does not exist.
+COUNTER_NAMES = (
+    "connect_attempts", "connects", "connect_failures", "connect_refused", "auth_refused",
+    "disconnects", "socket_errors", "published", "received", "inbound_redelivered",
+    "inbound_oversized", "handler_errors", "outbox_refused", "dropped_qos0",
+    "dropped_send_error", "dropped_invalid_topic", "dropped_at_close",
+)
+
+
+@dataclass
+class _CatchUp:
+    """The broker is handing over what it queued for us while we were away: everything it
+    sends after a CONNACK with the session present and before it acknowledges our
+    re-subscription (it sends the queue first; a broker's in-flight window can hold part
+    of a large queue back past that point, see freshness.py)."""
+
+    outage: Optional[float]  # seconds away (monotonic); None: this process never was connected
+    subscribe_mids: set[int]
+    messages: int = 0
 
 
 @dataclass
@@ -94,6 +122,13 @@ class MqttLink:
         self._connected_since = 0.0
         self._attempt = 0
         self._down_since: Optional[float] = None  # when the current outage began
+        # inbound: when the broker last sent us anything before the link went down, and
+        # the queue it hands over after a reconnect
+        self._lost_at: Optional[float] = None
+        self._last_heard: Optional[float] = None  # monotonic: the broker's last packet
+        self._catch_up: Optional[_CatchUp] = None
+        self._last_outage: Optional[float] = None
+        self._retained_logged: set[tuple[str, int]] = set()
         self._refused_streak = False
         self._failure_streak = 0
         # outbox: accepted but not yet sent (backlog) or not yet acknowledged (inflight)
@@ -109,7 +144,7 @@ class MqttLink:
         # the next attempt goes out at once: a stable connection just ended, or the
         # settings changed; every other failure backs off first
         self._reconnect_now = False
-        self.stats: dict[str, int] = collections.defaultdict(int)
+        self.stats: dict[str, int] = collections.defaultdict(int, dict.fromkeys(COUNTER_NAMES, 0))
 
     # ------------------------------------------------------------------ public
 
@@ -127,6 +162,8 @@ class MqttLink:
                     outbox_bytes=self._pending_bytes, backlog=len(self._backlog))
         if self._connected:
             data["connected_for"] = round(time.monotonic() - self._connected_since, 1)
+        if self._last_outage is not None:
+            data["last_outage"] = round(self._last_outage, 1)
         return data
 
     async def wait_connected(self, timeout: Optional[float] = None) -> bool:
@@ -277,6 +314,7 @@ class MqttLink:
                                    on_disconnect=self._on_disconnect,
                                    on_message=None, on_publish=self._on_publish)
         client.on_message = self._on_paho_message  # it needs the DUP flag and the packet id
+        client.on_subscribe = self._on_paho_subscribe  # (client, userdata, mid, ...) in every paho
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_socket_register_write
@@ -308,6 +346,7 @@ class MqttLink:
                     pass
         if was_connected:
             self.stats["disconnects"] += 1
+            self._mark_lost()
         self._fail_unreliable()
 
     # ------------------------------------------------------------------ connecting
@@ -407,8 +446,9 @@ class MqttLink:
         self._early_acks.clear()
         # SUBSCRIBE before ONLINE: the broker handles them in order, so whoever reacts to
         # ONLINE with a request finds the subscriptions already in force
-        for topic, qos in self._subscriptions:
-            client.subscribe(topic, qos)
+        mids = {mqtt_compat.subscribe_mid(client.subscribe(topic, qos))
+                for topic, qos in self._subscriptions}
+        self._start_catch_up(result.session_present, mids)
         self._pending_msgs += 1
         self._pending_bytes += len(STATUS_ONLINE)
         self._send(_Outgoing(self._topics.status, STATUS_ONLINE, 1, True, None))
@@ -438,6 +478,7 @@ class MqttLink:
         self._cancel_timers()
         if was_connected:
             self.stats["disconnects"] += 1
+            self._mark_lost()
             lasted = time.monotonic() - self._connected_since
             if lasted >= self._config.mqtt.stable_after:
                 self._attempt = 0
@@ -527,6 +568,39 @@ class MqttLink:
 
     # ------------------------------------------------------------------ receiving
 
+    def _mark_lost(self) -> None:
+        """The connection ended: the outage began when the broker last sent us anything
+        (a black hole or a stopped process is noticed only later)."""
+        self._catch_up = None
+        if self._lost_at is not None:
+            return  # a connection that flapped: the outage goes on from the first loss
+        now = time.monotonic()
+        heard = self._last_heard
+        self._lost_at = now if heard is None else min(now, heard)
+
+    def _start_catch_up(self, session_present: bool, subscribe_mids: set[int]) -> None:
+        now = time.monotonic()
+        outage = None if self._lost_at is None else now - self._lost_at
+        self._lost_at = None
+        self._last_outage = outage
+        if session_present:
+            self._catch_up = _CatchUp(outage, subscribe_mids)
+        else:  # a new session: the broker kept nothing for us
+            self._catch_up = None
+
+    def _on_paho_subscribe(self, _client: Any, _userdata: Any, mid: int, *_rest: Any) -> None:
+        catch_up = self._catch_up
+        if catch_up is None:
+            return
+        catch_up.subscribe_mids.discard(mid)
+        if catch_up.subscribe_mids:
+            return
+        self._catch_up = None
+        if catch_up.messages:
+            away = "an unknown time" if catch_up.outage is None else f"{catch_up.outage:.1f} s"
+            log.info("received %d messages the broker queued while the link was away (%s)",
+                     catch_up.messages, away)
+
     def _on_paho_message(self, _client: Any, _userdata: Any, message: Any) -> None:
         self._on_message(message.topic, message.payload, message.qos, bool(message.retain),
                          bool(message.dup), int(message.mid))
@@ -552,6 +626,9 @@ class MqttLink:
     def _on_message(self, topic: str, payload: bytes, qos: int, retain: bool,
                     dup: bool = False, mid: int = 0) -> None:
         self.stats["received"] += 1
+        if retain:
+            self._ignore_retained(topic, payload)
+            return
         if qos > 0 and self._redelivered(payload, dup, mid):
             self.stats["inbound_redelivered"] += 1
             log.info("ignored the broker's resend of a message already handled on %s "
@@ -563,11 +640,33 @@ class MqttLink:
             log.warning("rejected a %d-byte message on %s: over max_inbound_bytes (%d)",
                         len(payload), topic, limit)
             return
+        catch_up = self._catch_up
+        if catch_up is not None:
+            catch_up.messages += 1
+            self.stats["inbound_queued"] += 1
+            delivery = Delivery(queued=True, outage=catch_up.outage)
+        else:
+            delivery = Delivery()
         try:
-            self._on_message_handler(topic, payload)
+            self._on_message_handler(topic, payload, delivery)
         except Exception:
             self.stats["handler_errors"] += 1
             log.exception("handler failed for a message on %s", topic)
+
+    def _ignore_retained(self, topic: str, payload: bytes) -> None:
+        """A command must never be retained: the broker would hand it over at every
+        (re)subscription, and a retained reboot is a boot loop. A message forwarded live
+        carries retain=0 (MQTT 3.1.1; MQTT 5 without retain-as-published), so retain=1
+        means the broker's stored copy."""
+        self.stats["inbound_retained"] += 1
+        key = (topic, zlib.crc32(payload))
+        if key in self._retained_logged:
+            return
+        if len(self._retained_logged) < RECENT_INBOUND:
+            self._retained_logged.add(key)
+        log.warning("ignored a retained message on %s (%d bytes): commands are never taken "
+                    "from retained messages; clear it with an empty retained publish",
+                    topic, len(payload))
 
     # ------------------------------------------------------------------ socket on the loop
 
@@ -686,14 +785,24 @@ class MqttLink:
         client = self._client
         if client is None or self._connecting:
             return
-        if not self._paho(lambda: client.loop_read(max_packets=256), client):
+        if not self._read(client):
             return
         sock = client.socket()
         # TLS may hold decrypted bytes that the socket no longer signals
         while sock is not None and _pending(sock) and self._is_current(client):
-            if not self._paho(lambda: client.loop_read(max_packets=256), client):
+            if not self._read(client):
                 return
             sock = client.socket()
+
+    def _read(self, client: paho.Client) -> bool:
+        """One paho read step; notes when a packet from the broker last came in (paho's own
+        ``_last_msg_in`` also moves when it sends a PINGREQ, so it alone cannot say)."""
+        before = _last_msg_in(client)
+        ok = self._paho(lambda: client.loop_read(max_packets=256), client)
+        after = _last_msg_in(client)
+        if after is not None and after != before:
+            self._last_heard = after
+        return ok
 
     def _on_writable(self) -> None:
         client = self._client
@@ -765,6 +874,13 @@ def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
     try:
         return asyncio.get_running_loop()
     except RuntimeError:
+        return None
+
+
+def _last_msg_in(client: paho.Client) -> Optional[float]:
+    try:
+        return float(client._last_msg_in)  # type: ignore[attr-defined]
+    except (AttributeError, TypeError, ValueError):
         return None
 
 

@@ -217,8 +217,12 @@ class MetricsPublisher:
     """
 
     def __init__(self, collector: MetricsCollector, publish: Callable[[bytes], bool],
-                 is_connected: Callable[[], bool], interval: float) -> None:
+                 is_connected: Callable[[], bool], interval: float,
+                 on_failure: Optional[Callable[[str, BaseException], None]] = None) -> None:
+        """``on_failure(what, exc)``: an unexpected exception in a publishing task (the daemon
+        ends on it; without it, it is only logged)."""
         self._collector = collector
+        self._on_failure = on_failure
         self._publish = publish
         self._is_connected = is_connected
         self.interval = interval
@@ -236,6 +240,7 @@ class MetricsPublisher:
             self._timer = None
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._publish_once())
+            self._task.add_done_callback(self._publish_done)
         self._timer = asyncio.get_running_loop().call_later(self.interval, self._publish_soon)
 
     async def _publish_once(self) -> None:
@@ -251,6 +256,16 @@ class MetricsPublisher:
             self.sent += 1
         else:
             self.skipped += 1
+
+    def _publish_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        assert exc is not None
+        if self._on_failure is not None:
+            self._on_failure("metrics", exc)
+        else:
+            log.error("metrics publishing failed", exc_info=exc)
 
     def stop(self) -> None:
         if self._timer is not None:

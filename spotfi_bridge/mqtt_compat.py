@@ -212,5 +212,10 @@ def message_mid(info: Any) -> int:
     return int(info.mid)
 
 
+def subscribe_mid(result: Any) -> int:
+    """The packet id of ``client.subscribe()``'s ``(rc, mid)``."""
+    return int(result[1])
+
+
 def sock_of(client: paho.Client) -> Optional[Any]:
     return client.socket()

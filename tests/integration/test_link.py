@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -22,7 +23,7 @@ TOKEN = "s3cret-token-value"
 
 def make_config(url: str, **env: str) -> Config:
     environ = {"SPOTFI_ROUTER_ID": ROUTER, "SPOTFI_TOKEN": TOKEN, "SPOTFI_MQTT_BROKER": url,
-               "SPOTFI_ENV_FILE": "/nonexistent/spotfi.env", "SPOTFI_MQTT_BACKOFF_MIN": "0.05",
+               "SPOTFI_ENV_FILE": os.devnull, "SPOTFI_MQTT_BACKOFF_MIN": "0.05",
                "SPOTFI_MQTT_BACKOFF_MAX": "1"}
     environ.update(env)
     return load_config(environ=environ)
@@ -44,7 +45,7 @@ class Harness:
 
     def __init__(self, config: Config) -> None:
         self.received: list[tuple[str, bytes]] = []
-        self.link = MqttLink(config, lambda t, p: self.received.append((t, p)))
+        self.link = MqttLink(config, lambda t, p, _d: self.received.append((t, p)))
         self.task: Optional[asyncio.Task[None]] = None
 
     async def __aenter__(self) -> Harness:

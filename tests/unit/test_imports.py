@@ -18,7 +18,7 @@ NOT_ON_THE_DAEMONS_PATH = (
     "psutil",              # only without ubus (dry run on a PC)
     "http.client",         # paho's urllib.request, deferred: read only for a SOCKS proxy
     "email", "tempfile",
-    "datetime",            # only to read an RPC's timestamp or expiresAt, which the API omits
+    "datetime",            # only from the first date-time read (an x-start's timestamp)
     "spotfi_bridge.ctl", "spotfi_bridge.devtools",
     "spotfi_bridge.rpc.local", "spotfi_bridge.rpc.sysinfo",
 )
@@ -34,7 +34,7 @@ def loaded_after(code: str) -> set[str]:
 def test_the_daemons_start_path_leaves_out_what_it_does_not_use() -> None:
     loaded = loaded_after(
         "from spotfi_bridge import cli\n"
-        "args = cli.parse_args(['run', '--config', '/etc/spotfi/bridge.toml'])\n"
+        "args = cli.parse_args(['run', '--config', '/etc/spotfi/bridge.toml', '--logd'])\n"
         "from spotfi_bridge import daemon\n"
         "from spotfi_bridge.rpc import make_backend\n")
     assert not loaded & set(NOT_ON_THE_DAEMONS_PATH)
@@ -55,6 +55,7 @@ def test_deferred_urllib_request_still_works_when_used() -> None:
     [], ["run"], ["check-config"], ["--config", "/x.toml"], ["--config=/x.toml"],
     ["--config="], ["run", "--config", "a", "--config", "b"], ["--log-level", "debug", "run"],
     ["check-config", "--log-level=error", "--config", "c"], ["--config", "x", "check-config"],
+    ["run", "--logd"], ["--logd", "--config", "x", "--logd"],
 ])
 def test_the_plain_command_line_reads_as_argparse_reads_it(argv: list[str]) -> None:
     assert cli._parse_plain(argv) is not None
@@ -70,7 +71,7 @@ def _outcome(parse: Any, argv: list[str], capsys: pytest.CaptureFixture[str]) ->
 
 @pytest.mark.parametrize("argv", [
     ["--log-level", "loud"], ["run", "run"], ["--config"], ["bogus"], ["--config", "-x"],
-    ["--conf", "x"], ["--version"], ["-h"], ["--", "run"],
+    ["--conf", "x"], ["--version"], ["-h"], ["--", "run"], ["--logd=1"], ["--log"],
 ])
 def test_anything_else_is_left_to_argparse(argv: list[str],
                                            capsys: pytest.CaptureFixture[str]) -> None:
