@@ -19,6 +19,7 @@ NOT_ON_THE_DAEMONS_PATH = (
     "http.client",         # paho's urllib.request, deferred: read only for a SOCKS proxy
     "email", "tempfile",
     "datetime",            # only from the first date-time read (an x-start's timestamp)
+    "tarfile",             # only to rebuild the installed package for a roll-back
     "spotfi_bridge.ctl", "spotfi_bridge.devtools",
     "spotfi_bridge.rpc.local", "spotfi_bridge.rpc.sysinfo",
 )
