@@ -516,7 +516,7 @@ class MqttLink:
         client = self._client
         assert client is not None
         try:
-            info = client.publish(entry.topic, entry.payload, qos=entry.qos, retain=entry.retain)
+            info = self._queue_in_paho(client, entry)
         except (ValueError, TypeError, UnicodeError) as exc:  # paho refuses before queueing
             self.stats["dropped_send_error"] += 1
             log.warning("publish to %r refused by paho: %s", entry.topic[:200], exc)
@@ -539,6 +539,16 @@ class MqttLink:
         if not self._in_paho:
             # write now rather than one loop turn later: a keystroke echo is latency-bound
             self._flush(client)
+
+    def _queue_in_paho(self, client: paho.Client, entry: _Outgoing) -> Any:
+        """``client.publish``, whose bytes :meth:`_send` (or the paho step we are in) then
+        writes inline: meanwhile paho's register-write hook must not add a writer, which
+        would cost two ``epoll_ctl`` calls per message."""
+        outer, self._in_paho = self._in_paho, True
+        try:
+            return client.publish(entry.topic, entry.payload, qos=entry.qos, retain=entry.retain)
+        finally:
+            self._in_paho = outer
 
     def _on_publish(self, mid: int) -> None:
         entry = self._inflight.pop(mid, None)

@@ -14,7 +14,6 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Optional, Union
 
 STATUS_ONLINE = b"ONLINE"
@@ -192,6 +191,8 @@ def parse_iso8601(text: str) -> Optional[float]:
         zone = f"{zone[0]}{digits[:2]}:{digits[2:4] or '00'}"
     else:
         zone = "+00:00"
+    from datetime import datetime  # 0.46 MB: on the first x-start, not at start-up
+
     try:
         return datetime.fromisoformat(base.replace(" ", "T") + zone).timestamp()
     except (ValueError, OverflowError):
