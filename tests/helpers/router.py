@@ -147,7 +147,7 @@ class ScratchRouter:
             "SPOTFI_BRIDGE_LIB": str(root / "usr/lib/spotfi-bridge"),
             "SPOTFI_BRIDGE_PYTHON": sys.executable,
             "SPOTFI_CONFIG": str(self.config),
-            "SPOTFI_ENV_FILE": str(root / "etc/spotfi.env"),
+            "SPOTFI_ENV_FILE": os.devnull,  # not this machine's /etc/spotfi.env
             "STUB_LOG": str(root / "var/rc.log"),
             "STUB_PROCD_SH": str(root / "lib/functions/procd.sh"),
         })

@@ -4,6 +4,7 @@ status (procd respawns it), TLS files are checked before they are used, reloads 
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -92,7 +93,7 @@ def test_check_config_loads_the_client_certificate_and_key(
                       f'key_file = "{tls_material[key]}"\n')
     config.chmod(0o600)
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT),
-           "SPOTFI_ENV_FILE": str(tmp_path / "none.env")}
+           "SPOTFI_ENV_FILE": os.devnull}
     proc = subprocess.run([sys.executable, "-m", "spotfi_bridge", "check-config", "--config",
                            str(config)], env=env, capture_output=True, text=True, timeout=20)
     assert proc.returncode == EX_CONFIG, proc.stderr
