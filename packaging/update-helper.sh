@@ -49,7 +49,10 @@ set_state() {
 pkg_install() {
 	case "$MANAGER" in
 	opkg) opkg install --force-reinstall --force-downgrade "$1" ;;
-	apk) apk add --allow-untrusted --force-reinstall "$1" ;;
+	# --force-reinstall: OpenWrt's apk from 3.0.5 on; an older one only upgrades or
+	# downgrades (the same version again is then a no-op)
+	apk) apk add --allow-untrusted $(apk add -h 2>&1 | grep -q -- --force-reinstall &&
+		echo --force-reinstall) "$1" ;;
 	*) echo "unknown package manager: $MANAGER"; return 1 ;;
 	esac
 }

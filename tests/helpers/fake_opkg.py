@@ -131,9 +131,14 @@ def install(path: str, force_reinstall: bool, force_downgrade: bool, root: str) 
         with open(os.path.join(info, f"{package}.{name_in_control}"), "wb") as out:
             out.write(body)
     print(f"Configuring {package}.")
-    with open(os.path.join(root, "opkg.log"), "a") as log:
-        log.write(f"install {package} {new}\n")
+    record_install(root, package, new)
     return 0
+
+
+def record_install(root: str, package: str, version: str) -> None:
+    """The install log the tests read (both fakes keep it)."""
+    with open(os.path.join(root, "opkg.log"), "a") as log:
+        log.write(f"install {package} {version}\n")
 
 
 def main(argv: list[str]) -> int:

@@ -115,7 +115,9 @@ echo "$shift_tag: $*" >> "$SPOTFI_BRIDGE_ROOT/var/log/messages"
 
 class ScratchRouter:
     def __init__(self, root: Path, broker_url: str, router_id: str = "test-router",
-                 token: str = "test-token", config_extra: str = "") -> None:
+                 token: str = "test-token", config_extra: str = "",
+                 manager: str = "opkg") -> None:
+        """``manager``: opkg (OpenWrt 23.05, 24.10) or apk (25.12) on PATH, a fake of it."""
         self.root = root
         self.bin = root / "test-bin"
         for directory in (self.bin, root / "etc/spotfi", root / "lib/functions", root / "tmp",
@@ -123,11 +125,11 @@ class ScratchRouter:
             directory.mkdir(parents=True, exist_ok=True)
         (root / "etc/rc.common").write_text(RC_COMMON)
         (root / "lib/functions/procd.sh").write_text(PROCD_SH)
-        opkg = self.bin / "opkg"
-        opkg.write_text(f'#!/bin/sh\nexec "{sys.executable}" '
-                        f'"{ROOT / "tests/helpers/fake_opkg.py"}" "$@"\n')
+        self.manager = self.bin / manager
+        self.manager.write_text(f'#!/bin/sh\nexec "{sys.executable}" '
+                                f'"{ROOT / f"tests/helpers/fake_{manager}.py"}" "$@"\n')
         (self.bin / "logger").write_text(LOGGER)
-        for script in (opkg, self.bin / "logger"):
+        for script in (self.manager, self.bin / "logger"):
             script.chmod(0o755)
         self.config = root / "etc/spotfi/bridge.toml"
         self.config.write_text(f'[router]\nid = "{router_id}"\ntoken = "{token}"\n'
@@ -147,13 +149,15 @@ class ScratchRouter:
             "SPOTFI_BRIDGE_LIB": str(root / "usr/lib/spotfi-bridge"),
             "SPOTFI_BRIDGE_PYTHON": sys.executable,
             "SPOTFI_CONFIG": str(self.config),
-            "SPOTFI_ENV_FILE": os.devnull,  # the config is bridge.toml alone
+            "SPOTFI_ENV_FILE": os.devnull,  # not this machine's /etc/spotfi.env
             "STUB_LOG": str(root / "var/rc.log"),
             "STUB_PROCD_SH": str(root / "lib/functions/procd.sh"),
         })
 
-    def opkg_install(self, package: Path) -> str:
-        result = subprocess.run([str(self.bin / "opkg"), "install", str(package)], env=self.env,
+    def install(self, package: Path) -> str:
+        """Install as the owner would by hand: opkg install FILE, apk add --allow-untrusted."""
+        argv = ["install"] if self.manager.name == "opkg" else ["add", "--allow-untrusted"]
+        result = subprocess.run([str(self.manager), *argv, str(package)], env=self.env,
                                 capture_output=True, text=True, timeout=60, check=True)
         return result.stdout
 
