@@ -44,10 +44,11 @@ def _build(out: Path, version: str, broken: bool = False, kind: str = "ipk") -> 
     init.write_text(text.replace('__version__ = "', f'__version__ = "{version}"  # was "', 1))
     if broken:
         cli = source / "spotfi_bridge" / "cli.py"
-        cli.write_text(cli.read_text().replace(
-            "    args = build_parser().parse_args(argv)\n",
-            "    args = build_parser().parse_args(argv)\n"
-            "    if args.command == \"run\":\n        return 1  # a release that dies at once\n"))
+        line = "    args = parse_args(argv)\n"
+        text = cli.read_text()
+        assert line in text, "cli.main() changed: break the release another way"
+        cli.write_text(text.replace(line, line + "    if args.command == \"run\":\n"
+                                    "        return 1  # a release that dies at once\n"))
     if kind == "apk":
         built = _apk_builder().build_apk(out / "dist", source=source)
     else:
