@@ -306,12 +306,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (BuildError, OSError) as exc:
         print(f"build_apk: {exc}", file=sys.stderr)
         return 1
-    shown = built.path
-    try:
-        shown = built.path.relative_to(Path.cwd())
-    except ValueError:
-        pass
-    print(f"{shown}: {build_ipk._human(built.apk_size)}; "
+    print(f"{build_ipk.shown(built.path)}: {build_ipk._human(built.apk_size)}; "
           f"installed size {build_ipk._human(built.installed_size)}")
     print(f"depends: {' '.join(sorted(built.depends))}")
     return 0

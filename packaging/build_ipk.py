@@ -525,14 +525,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (BuildError, OSError) as exc:
         print(f"build_ipk: {exc}", file=sys.stderr)
         return 1
-    shown = built.path
-    try:
-        shown = built.path.relative_to(Path.cwd())
-    except ValueError:
-        pass
-    print(f"{shown}: {_human(built.ipk_size)}; installed size {_human(built.installed_size)}")
+    print(f"{shown(built.path)}: {_human(built.ipk_size)}; "
+          f"installed size {_human(built.installed_size)}")
     print(f"Depends: {depends_line(built.depends)}")
     return 0
+
+
+def shown(path: Path) -> Path:
+    """A built package's path as the user typed the command: relative to here when inside."""
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
 
 
 if __name__ == "__main__":
