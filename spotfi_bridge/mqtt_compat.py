@@ -43,9 +43,10 @@ def _code(value: Any) -> int:
 
 
 def _connack_reason(code: int, value: Any) -> str:
+    """paho's words, without their final full stop (log lines add their own punctuation)."""
     if not isinstance(value, int):
-        return str(value)
-    return str(paho.connack_string(code))
+        return str(value).rstrip(".")
+    return str(paho.connack_string(code)).rstrip(".")
 
 
 def new_client(client_id: str, *, clean_session: bool, protocol: str = "3.1.1",
@@ -114,6 +115,22 @@ def bind_callbacks(
     client.on_publish = publish_cb
 
 
+def keep_release_state(client: paho.Client) -> None:
+    """Call before every ``reconnect()``: keeps QoS 2 exactly once across failed attempts.
+
+    ``reconnect()`` (1.6.1 and 2.x alike) turns a QoS 2 message waiting for PUBCOMP
+    into "resend PUBREL" and every other unacknowledged one into "resend PUBLISH". A
+    second ``reconnect()`` before a CONNACK (an attempt that timed out) finds "resend
+    PUBREL" and makes it "resend PUBLISH": the broker, which released that message on
+    the first PUBREL, forwards it again. Putting those messages back to "waiting for
+    PUBCOMP" lets the reset map them to PUBREL again.
+    """
+    with client._out_message_mutex:
+        for message in client._out_messages.values():
+            if message.qos == 2 and message.state == paho.mqtt_ms_resend_pubrel:
+                message.state = paho.mqtt_ms_wait_for_pubcomp
+
+
 def set_connect_timeout(client: paho.Client, seconds: float) -> None:
     """Bound the TCP connect (and TLS/WebSocket handshake) inside ``reconnect()``."""
     if hasattr(type(client), "connect_timeout"):
@@ -151,7 +168,8 @@ def describe_error(exc: BaseException) -> str:
     import ssl
 
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS certificate verification failed: {exc.verify_message or exc}"
+        detail = str(exc.verify_message or exc).rstrip(".")
+        return f"TLS certificate verification failed: {detail}"
     if isinstance(exc, ssl.SSLError):
         return f"TLS error: {exc.reason or exc}"
     if isinstance(exc, socket.gaierror):
@@ -166,7 +184,8 @@ def describe_error(exc: BaseException) -> str:
 
 
 def error_string(rc: int) -> str:
-    return str(paho.error_string(rc))
+    """paho's words for ``rc``, without their final full stop."""
+    return str(paho.error_string(rc)).rstrip(".")
 
 
 def publish_rc(info: Any) -> int:

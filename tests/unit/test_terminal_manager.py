@@ -189,7 +189,7 @@ def test_echo_round_trip_in_order_with_started_first() -> None:
         await link.wait_output("s1", b"mark-42")
         messages = link.of("s1")
         assert messages[0].body["type"] == "x-started"
-        assert all(m.topic == "spotfi/api/i1/x/out" and m.qos == 1 for m in messages)
+        assert all(m.topic == "spotfi/api/i1/x/out" and m.qos == 2 for m in messages)
         info = session_info(manager, "s1")
         assert info["bytesIn"] == len(b"echo mark-$((40+2))\n") and info["bytesOut"] > 0
         assert info["responseTopic"] == "spotfi/api/i1/x/out" and len(manager) == 1

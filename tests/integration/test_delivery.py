@@ -1,0 +1,192 @@
+"""Terminal output as the unmodified API sees it: no duplicated, no missing byte across faults.
+
+The API subscribes to ``x/out`` at QoS 0 with a clean session and never looks at
+``seq``: every copy the broker forwards is shown to the operator. So these tests
+count the lines of ``seq 1 N`` in the raw concatenation of every ``x-data`` the
+subscriber received, in arrival order, and want each number exactly once, in order.
+The bridge reaches the broker through a :class:`TcpProxy`; the subscriber talks to
+the broker directly, as the API does.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.apiclient import ApiClient
+from tests.helpers.bridge import BridgeProcess
+from tests.helpers.broker import Mosquitto
+from tests.helpers.tcpproxy import TcpProxy
+from tests.helpers.wait import wait_for
+
+ROUTER = "test-router"
+STATUS = f"spotfi/router/{ROUTER}/status"
+KEEPALIVE = 5
+
+
+def bridge_toml(token: str, backoff_min: float = 0.1) -> str:
+    return f"""
+[router]
+token = "{token}"
+[metrics]
+interval = 30
+[mqtt]
+keepalive = {KEEPALIVE}
+backoff_min = {backoff_min}
+backoff_max = 3
+connect_timeout = 2
+[rpc]
+backend = "local"
+[terminal]
+shell = ["/bin/sh"]
+"""
+
+
+@dataclass
+class Lines:
+    """What a subscriber that ignores ``seq`` shows for ``seq 1 count``."""
+
+    count: int
+    duplicated: int
+    missing: int
+    out_of_order: int
+
+    @property
+    def exact(self) -> bool:
+        return self.duplicated == 0 and self.missing == 0 and self.out_of_order == 0
+
+
+def raw_output(api: ApiClient, session_id: str) -> bytes:
+    """Every x-data of the session in arrival order: no dedupe, no sort by ``seq``."""
+    return b"".join(base64.b64decode(m["data"]) for m in api.x_messages(session_id)
+                    if m.get("type") == "x-data")
+
+
+def count_lines(output: bytes, count: int) -> Lines:
+    numbers = [int(n) for n in re.findall(rb"(?m)^(\d+)\r?$", output)]
+    seen: set[int] = set()
+    duplicated = out_of_order = 0
+    last = 0
+    for number in numbers:
+        if number in seen:
+            duplicated += 1
+            continue
+        seen.add(number)
+        if number != last + 1:
+            out_of_order += 1
+        last = number
+    missing = len(set(range(1, count + 1)) - seen)
+    return Lines(count, duplicated, missing, out_of_order)
+
+
+@dataclass
+class Stream:
+    broker: Mosquitto
+    proxy: TcpProxy
+    api: ApiClient
+    bridge: BridgeProcess
+    config: Path
+
+    def start(self, count: int) -> str:
+        session_id = self.api.x_start(ROUTER)
+        self.api.wait_x(session_id, "x-started", 15)
+        self.api.x_send(ROUTER, session_id, f"seq 1 {count}; echo E\"\"ND\n".encode())
+        return session_id
+
+    def wait_flowing(self, session_id: str, lines: int) -> None:
+        wait_for(lambda: raw_output(self.api, session_id).count(b"\n") > lines, 30,
+                 f"{lines} lines of output")
+
+    def finish(self, session_id: str, count: int, timeout: float = 90.0) -> Lines:
+        wait_for(lambda: b"\nEND" in raw_output(self.api, session_id), timeout, "END")
+        return count_lines(raw_output(self.api, session_id), count)
+
+    def statuses(self, mark: int) -> list[bytes]:
+        return [m.payload for m in self.api.received[mark:] if m.topic == STATUS]
+
+
+def _stream(broker: Mosquitto, backoff_min: float = 0.1) -> Iterator[Stream]:
+    with TcpProxy(broker.port) as proxy:
+        proxy.latency = 0.03  # a WAN: acknowledgements are on the wire when it breaks
+        api = ApiClient(broker.port)
+        api.subscribe(STATUS, 0)
+        api.subscribe(api.out_topic, 0)  # as the API: QoS 0, clean session
+        bridge = BridgeProcess(proxy.url, toml=bridge_toml("token-one", backoff_min))
+        del bridge.env["SPOTFI_TOKEN"]  # from the file, so that a reload can change it
+        bridge.start()
+        try:
+            api.wait_message(STATUS, lambda m: m.payload == b"ONLINE", 20)
+            yield Stream(broker, proxy, api, bridge, bridge.dir / "bridge.toml")
+        finally:
+            bridge.close()
+            api.close()
+    log = bridge.log()
+    assert "Traceback" not in log, log[-3000:]
+    assert "token-one" not in log and "token-two" not in log
+
+
+@pytest.fixture
+def stream(broker: Mosquitto) -> Iterator[Stream]:
+    yield from _stream(broker)
+
+
+@pytest.fixture
+def persistent_stream() -> Iterator[Stream]:
+    with Mosquitto(persistence=True) as broker:
+        # the bridge comes back after the API side (on the same LAN as the broker) did
+        yield from _stream(broker, backoff_min=2.0)
+
+
+COUNT = 150_000
+
+
+def test_reload_that_reconnects_neither_duplicates_nor_flaps(stream: Stream) -> None:
+    session = stream.start(COUNT)
+    stream.wait_flowing(session, 20_000)
+    mark = stream.api.mark()
+    stream.config.write_text(bridge_toml("token-two"))
+    stream.bridge.signal(signal.SIGHUP)
+    stream.bridge.wait_log("config reloaded (reconnecting)", 20)
+    lines = stream.finish(session, COUNT)
+    assert lines.exact, lines
+    assert b"OFFLINE" not in stream.statuses(mark), stream.statuses(mark)
+
+
+def test_tcp_reset_mid_stream(stream: Stream) -> None:
+    session = stream.start(COUNT)
+    stream.wait_flowing(session, 20_000)
+    mark = stream.api.mark()
+    stream.proxy.cut()
+    stream.api.wait_message(STATUS, lambda m: m.payload == b"ONLINE" and not m.retain, 30, mark)
+    lines = stream.finish(session, COUNT)
+    assert lines.exact, lines
+
+
+def test_black_hole_past_the_keepalive(stream: Stream) -> None:
+    session = stream.start(COUNT)
+    stream.wait_flowing(session, 20_000)
+    mark = stream.api.mark()
+    stream.proxy.blackholed = True
+    stream.api.wait_message(STATUS, lambda m: m.payload == b"OFFLINE", 30, mark)
+    stream.bridge.wait_log("connection lost", 30)
+    stream.proxy.blackholed = False
+    stream.api.wait_message(STATUS, lambda m: m.payload == b"ONLINE" and not m.retain, 30, mark)
+    lines = stream.finish(session, COUNT)
+    assert lines.exact, lines
+
+
+def test_broker_restart_with_persistence(persistent_stream: Stream) -> None:
+    stream = persistent_stream
+    session = stream.start(COUNT)
+    stream.wait_flowing(session, 20_000)
+    mark = stream.api.mark()
+    stream.broker.restart()  # SIGTERM: Mosquitto saves its sessions, in-flight QoS 2 included
+    stream.api.wait_message(STATUS, lambda m: m.payload == b"ONLINE" and not m.retain, 40, mark)
+    lines = stream.finish(session, COUNT)
+    assert lines.exact, lines
