@@ -175,7 +175,7 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve the host name ({exc.strerror})"
     if isinstance(exc, ConnectionRefusedError):
-        return "connection refused (is the broker running on that port?)"
+        return "connection refused (no broker listening on that port)"
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return "timed out"
     if isinstance(exc, OSError) and exc.strerror:
