@@ -27,20 +27,24 @@ from tests.helpers.wait import wait_for
 
 ROUTER = "test-router"
 STATUS = f"spotfi/router/{ROUTER}/status"
+METRICS = f"spotfi/router/{ROUTER}/metrics"
+RPC_RESPONSE = f"spotfi/router/{ROUTER}/rpc/response"
 KEEPALIVE = 5
 
 
-def bridge_toml(token: str, backoff_min: float = 0.1) -> str:
+def bridge_toml(token: str, backoff_min: float = 0.1, extra: str = "", interval: int = 30,
+                keepalive: int = KEEPALIVE) -> str:
     return f"""
 [router]
 token = "{token}"
 [metrics]
-interval = 30
+interval = {interval}
 [mqtt]
-keepalive = {KEEPALIVE}
+keepalive = {keepalive}
 backoff_min = {backoff_min}
 backoff_max = 3
 connect_timeout = 2
+{extra}
 [rpc]
 backend = "local"
 [terminal]
@@ -111,13 +115,15 @@ class Stream:
         return [m.payload for m in self.api.received[mark:] if m.topic == STATUS]
 
 
-def _stream(broker: Mosquitto, backoff_min: float = 0.1) -> Iterator[Stream]:
+def _stream(broker: Mosquitto, toml: str) -> Iterator[Stream]:
     with TcpProxy(broker.port) as proxy:
         proxy.latency = 0.03  # a WAN: acknowledgements are on the wire when it breaks
         api = ApiClient(broker.port)
         api.subscribe(STATUS, 0)
+        api.subscribe(METRICS, 0)
+        api.subscribe(RPC_RESPONSE, 0)
         api.subscribe(api.out_topic, 0)  # as the API: QoS 0, clean session
-        bridge = BridgeProcess(proxy.url, toml=bridge_toml("token-one", backoff_min))
+        bridge = BridgeProcess(proxy.url, toml=toml)
         del bridge.env["SPOTFI_TOKEN"]  # from the file, so that a reload can change it
         bridge.start()
         try:
@@ -133,14 +139,14 @@ def _stream(broker: Mosquitto, backoff_min: float = 0.1) -> Iterator[Stream]:
 
 @pytest.fixture
 def stream(broker: Mosquitto) -> Iterator[Stream]:
-    yield from _stream(broker)
+    yield from _stream(broker, bridge_toml("token-one"))
 
 
 @pytest.fixture
 def persistent_stream() -> Iterator[Stream]:
     with Mosquitto(persistence=True) as broker:
         # the bridge comes back after the API side (on the same LAN as the broker) did
-        yield from _stream(broker, backoff_min=2.0)
+        yield from _stream(broker, bridge_toml("token-one", backoff_min=2.0))
 
 
 COUNT = 150_000
@@ -190,3 +196,39 @@ def test_broker_restart_with_persistence(persistent_stream: Stream) -> None:
     stream.api.wait_message(STATUS, lambda m: m.payload == b"ONLINE" and not m.retain, 40, mark)
     lines = stream.finish(session, COUNT)
     assert lines.exact, lines
+
+
+# ---------------------------------------------------------------------- priorities
+
+
+@pytest.fixture
+def slow_stream(broker: Mosquitto) -> Iterator[Stream]:
+    # a small outbox, so that terminal output fills it: replies must still get through
+    toml = bridge_toml("token-one", interval=5, keepalive=30,
+                       extra="outbox_max_messages = 10")
+    yield from _stream(broker, toml)
+
+
+def test_heartbeat_and_replies_overtake_output_on_a_64_kbit_link(slow_stream: Stream) -> None:
+    stream, api = slow_stream, slow_stream.api
+    stream.proxy.rate_bps = 64_000 / 8
+    session = stream.start(10_000_000)  # far more than the link carries in this test
+    stream.wait_flowing(session, 2_000)
+    mark = api.mark()
+    # metrics keep their 5 s interval: each waits behind at most the bulk window
+    # (64 KiB, 8 s at this rate), never behind the outbox (8 MiB: minutes)
+    metrics = wait_for(lambda: [m.at for m in api.received[mark:] if m.topic == METRICS][:4]
+                       if len([m for m in api.received[mark:] if m.topic == METRICS]) >= 4
+                       else None, 60, "four metrics while the terminal streams")
+    gaps = [later - earlier for earlier, later in zip(metrics, metrics[1:])]
+    assert max(gaps) < 15, gaps
+    reply = api.rpc(ROUTER, "bridge", "info", timeout=30)
+    assert reply["status"] == "success", reply
+    info = reply["result"]
+    assert info["counters"]["publish_refused"] == 0, info["counters"]
+    assert info["metrics"]["skipped"] == 0, info["metrics"]
+    assert info["link"].get("outbox_refused_control", 0) == 0, info["link"]
+    assert info["link"]["outbox_refused"] > 0, info["link"]  # the output did fill its lane
+    assert info["terminal"]["sessions"] == 1
+    assert info["link"]["bulk_inflight_bytes"] <= 64 * 1024 + 16 * 1024, info["link"]
+    api.x_stop(ROUTER, session)
