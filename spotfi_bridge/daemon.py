@@ -43,7 +43,8 @@ class Daemon:
         self._stop = asyncio.Event()
         config = self.config
         self.topics = Topics(config.router.id)
-        self.link = MqttLink(config, self._dispatch, on_connected=self._on_connected)
+        self.link = MqttLink(config, self._dispatch, on_connected=self._on_connected,
+                             on_subscribers=self._on_subscribers)
         self._build_workers(config)
         self.collector = MetricsCollector(extra=self._metrics_extra)
         self.metrics = MetricsPublisher(self.collector, self._publish_metrics,
@@ -104,6 +105,9 @@ class Daemon:
 
     def _on_connected(self) -> None:
         self.metrics.on_connected()
+
+    def _on_subscribers(self, topic: str, present: bool) -> None:
+        self.terminal.subscribers(topic, present)
 
     def _publish_metrics(self, payload: bytes) -> bool:
         return self.link.publish(self.topics.metrics, payload, qos=self.config.metrics.qos)

@@ -46,6 +46,11 @@ log = logging.getLogger("spotfi_bridge.link")
 
 MessageHandler = Callable[[str, bytes], None]
 
+#: ``(topic, present)``: MQTT 5 only, whether the broker found a subscriber for terminal
+#: output on ``topic``: each acknowledgement saying "no matching subscribers", and the
+#: first one after those that does not.
+SubscribersHandler = Callable[[str, bool], None]
+
 #: Recent inbound QoS 1 deliveries remembered to recognise the broker's resends.
 RECENT_INBOUND = 1024
 
@@ -101,11 +106,14 @@ class MqttLink:
         on_message: MessageHandler,
         on_connected: Optional[Callable[[], None]] = None,
         subscriptions: Optional[list[tuple[str, int]]] = None,
+        on_subscribers: Optional[SubscribersHandler] = None,
     ) -> None:
         self._config = config
         self._topics = Topics(config.router.id)
         self._on_message_handler = on_message
         self._on_connected = on_connected
+        self._on_subscribers = on_subscribers
+        self._unread_topics: set[str] = set()  # last acknowledged with "no subscribers"
         self._subscriptions = subscriptions if subscriptions is not None else [
             (self._topics.rpc_request, 1), (self._topics.x_in, 1)]
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -377,6 +385,8 @@ class MqttLink:
                                    on_disconnect=self._on_disconnect,
                                    on_message=None, on_publish=self._on_publish)
         client.on_message = self._on_paho_message  # it needs the DUP flag and the packet id
+        if cfg.mqtt.protocol == "5":
+            mqtt_compat.watch_publish_acks(client, self._on_publish_ack)
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_socket_register_write
@@ -636,6 +646,24 @@ class MqttLink:
             self._early_acks.add(mid)
             return
         self._complete(entry)
+
+    def _on_publish_ack(self, mid: int, code: int) -> None:
+        """Report whether terminal output on a topic has a reader (MQTT 5 reason codes)."""
+        entry = self._inflight.get(mid)
+        if entry is None or not entry.bulk or self._on_subscribers is None:
+            return
+        unread = code == mqtt_compat.NO_MATCHING_SUBSCRIBERS
+        if unread:
+            self.stats["acked_no_subscriber"] += 1
+            self._unread_topics.add(entry.topic)
+        elif entry.topic in self._unread_topics:
+            self._unread_topics.discard(entry.topic)
+        else:
+            return
+        try:
+            self._on_subscribers(entry.topic, not unread)
+        except Exception:
+            log.exception("subscribers handler failed")
 
     def _complete(self, entry: _Outgoing) -> None:
         size = len(entry.payload)

@@ -115,6 +115,41 @@ def bind_callbacks(
     client.on_publish = publish_cb
 
 
+#: PUBACK / PUBREC reason code (MQTT 5): accepted, but no subscription matched the topic.
+NO_MATCHING_SUBSCRIBERS = 16
+
+
+def watch_publish_acks(client: paho.Client, on_ack: Callable[[int, int], None]) -> None:
+    """Call ``on_ack(mid, reason_code)`` for every PUBACK (QoS 1) and PUBREC (QoS 2).
+
+    Neither paho passes these reason codes on: 1.6.1's ``on_publish`` has no reason
+    argument (``_handle_pubackcomp`` and ``_handle_pubrec`` parse and drop it), and
+    2.x's comes from PUBCOMP for QoS 2, after the one that matters. Both keep the
+    packet being handled in ``_in_packet["packet"]``: packet id (2 bytes), then, in
+    MQTT 5, the reason code byte when it is not 0. The hooks read it there before
+    paho handles the packet, which then goes on unchanged.
+    """
+    handle_puback = client._handle_pubackcomp
+    handle_pubrec = client._handle_pubrec
+
+    def report() -> None:
+        packet = bytes(client._in_packet.get("packet", b""))
+        if len(packet) >= 2:
+            on_ack(int.from_bytes(packet[:2], "big"), packet[2] if len(packet) > 2 else 0)
+
+    def pubackcomp(cmd: str) -> Any:
+        if cmd == "PUBACK":
+            report()
+        return handle_puback(cmd)
+
+    def pubrec() -> Any:
+        report()
+        return handle_pubrec()
+
+    client._handle_pubackcomp = pubackcomp  # type: ignore[method-assign]
+    client._handle_pubrec = pubrec  # type: ignore[method-assign]
+
+
 def keep_release_state(client: paho.Client) -> None:
     """Call before every ``reconnect()``: keeps QoS 2 exactly once across failed attempts.
 

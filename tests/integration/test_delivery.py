@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from spotfi_bridge import protocol
 from tests.helpers.apiclient import ApiClient
 from tests.helpers.bridge import BridgeProcess
 from tests.helpers.broker import Mosquitto
@@ -232,3 +233,47 @@ def test_heartbeat_and_replies_overtake_output_on_a_64_kbit_link(slow_stream: St
     assert info["terminal"]["sessions"] == 1
     assert info["link"]["bulk_inflight_bytes"] <= 64 * 1024 + 16 * 1024, info["link"]
     api.x_stop(ROUTER, session)
+
+
+# ---------------------------------------------------------------------- nobody reads
+
+
+def test_mqtt5_output_without_subscriber_ends_the_session(broker: Mosquitto) -> None:
+    """An API instance that died sends no x-stop: its sessions' output finds no
+    subscriber (PUBACK reason code 16) and they end after no_subscriber_timeout."""
+    api = ApiClient(broker.port)
+    api.subscribe(STATUS, 0)
+    api.subscribe(api.out_topic, 0)
+    # QoS 1: Mosquitto 2.0 says "no matching subscribers" in PUBACK, not in PUBREC (QoS 2
+    # is released on PUBREL, after the PUBREC); EMQX says it in both
+    toml = bridge_toml("token-one", extra='protocol = "5"') + "no_subscriber_timeout = 3\nqos = 1\n"
+    bridge = BridgeProcess(broker.url, toml=toml)
+    del bridge.env["SPOTFI_TOKEN"]
+    ticking = b"while :; do echo tick; sleep 0.3; done\n"
+    try:
+        bridge.start()
+        api.wait_message(STATUS, lambda m: m.payload == b"ONLINE", 20)
+        read = stream_session(api)  # its API instance is alive and subscribed
+        api.x_send(ROUTER, read, ticking)
+        orphan = f"{ROUTER}-orphan"
+        gone = "spotfi/api/gone-instance/x/out"  # nobody subscribes: the instance died
+        api.publish(f"spotfi/router/{ROUTER}/x/in", protocol.api_x_start(orphan, gone))
+        bridge.wait_log(f"terminal session {orphan!r} started", 15)
+        api.x_send(ROUTER, orphan, ticking)
+        log = bridge.wait_log(f"terminal session {orphan!r} ended (no-subscriber)", 30)
+        assert f"no subscriber on {gone} for 3 s" in log
+        info = api.rpc(ROUTER, "bridge", "info", timeout=20)["result"]
+        assert info["terminal"]["no_subscriber_closed"] == 1, info["terminal"]
+        assert info["terminal"]["sessions"] == 1  # the read one lives on
+        assert info["link"]["acked_no_subscriber"] >= 3, info["link"]
+        assert f"terminal session {read!r} ended" not in bridge.log()
+    finally:
+        bridge.close()
+        api.close()
+    assert "Traceback" not in bridge.log()
+
+
+def stream_session(api: ApiClient) -> str:
+    session_id = api.x_start(ROUTER)
+    api.wait_x(session_id, "x-started", 15)
+    return session_id
