@@ -144,6 +144,15 @@ def stream(broker: Mosquitto) -> Iterator[Stream]:
 
 
 @pytest.fixture
+def stock_stream() -> Iterator[Stream]:
+    # Mosquitto's defaults: 20 QoS 1/2 messages in flight per client (the tests' broker
+    # otherwise allows any number)
+    with Mosquitto(extra_config="max_inflight_messages 20") as broker:
+        # small frames: many messages in flight at once, as interactive output makes
+        yield from _stream(broker, bridge_toml("token-one") + "batch_bytes = 512\n")
+
+
+@pytest.fixture
 def persistent_stream() -> Iterator[Stream]:
     with Mosquitto(persistence=True) as broker:
         # the bridge comes back after the API side (on the same LAN as the broker) did
@@ -163,6 +172,13 @@ def test_reload_that_reconnects_neither_duplicates_nor_flaps(stream: Stream) -> 
     lines = stream.finish(session, COUNT)
     assert lines.exact, lines
     assert b"OFFLINE" not in stream.statuses(mark), stream.statuses(mark)
+
+
+def test_a_stock_mosquitto_gets_every_message(stock_stream: Stream) -> None:
+    """Beyond its in-flight limit Mosquitto acknowledges a QoS 2 PUBLISH and drops it."""
+    session = stock_stream.start(COUNT)
+    lines = stock_stream.finish(session, COUNT)
+    assert lines.exact, lines
 
 
 def test_tcp_reset_mid_stream(stream: Stream) -> None:
