@@ -153,6 +153,7 @@ class MqttLink:
         self._bulk_inflight = 0
         self._pumping = False
         self._drained: Optional[asyncio.Event] = None  # set while a reload waits for acks
+        self._emptied: Optional[asyncio.Event] = None  # set while close() waits for a flush
         self._inflight: dict[int, _Outgoing] = {}
         self._early_acks: set[int] = set()
         self._recent_inbound: collections.OrderedDict[tuple[int, int, int], None] = \
@@ -179,6 +180,7 @@ class MqttLink:
         data.update(connected=self._connected, outbox_messages=self._pending_msgs,
                     outbox_bytes=self._pending_bytes,
                     backlog=len(self._control.waiting) + len(self._bulk.waiting),
+                    outbox_bulk_messages=self._bulk.messages,
                     outbox_bulk_bytes=self._bulk.bytes,
                     bulk_inflight_bytes=self._bulk_inflight_bytes)
         if self._connected:
@@ -344,14 +346,26 @@ class MqttLink:
                 pass
 
     async def close(self, flush_timeout: float = 1.5) -> None:
-        """Publish OFFLINE (retained), flush what is queued (bounded), disconnect."""
+        """Flush what is queued, then OFFLINE (retained), all bounded; disconnect.
+
+        OFFLINE is a control message and would overtake terminal output: it waits until
+        the sessions' last output and x-error went out, or half the time ran out."""
         if self._closing:
             return
         if self._connected and self._client is not None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + flush_timeout
+            if self._pending_msgs:
+                self._emptied = asyncio.Event()
+                try:
+                    await asyncio.wait_for(self._emptied.wait(), flush_timeout / 2)
+                except asyncio.TimeoutError:
+                    pass
+                self._emptied = None
             done = asyncio.Event()
             self.publish(self._topics.status, STATUS_OFFLINE, 1, True, done.set)
             try:
-                await asyncio.wait_for(done.wait(), flush_timeout)
+                await asyncio.wait_for(done.wait(), max(0.05, deadline - loop.time()))
             except asyncio.TimeoutError:
                 log.warning("shutdown: %d messages still unsent after %.1f s",
                             self._pending_msgs, flush_timeout)
@@ -685,6 +699,8 @@ class MqttLink:
             self._bulk_inflight -= 1
         if self._drained is not None and not self._inflight:
             self._drained.set()
+        if self._emptied is not None and not self._pending_msgs:
+            self._emptied.set()
         if entry.on_sent is not None:
             try:
                 entry.on_sent()

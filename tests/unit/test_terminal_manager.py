@@ -778,3 +778,27 @@ def test_a_failing_start_leaves_no_shell_behind() -> None:
         await until(lambda: not my_sleepers(), "no shell left running")
         assert not my_zombies()
     run(body)
+
+
+def test_output_without_subscriber_ends_only_that_topics_sessions() -> None:
+    """The link's MQTT 5 reports: a subscriber seen again resets the clock; output
+    nobody reads for no_subscriber_timeout ends the sessions on that topic."""
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        manager, link = new_manager(replace(CONFIG, no_subscriber_timeout=0.2))
+        await start(manager, link, "orphan", "spotfi/api/gone/x/out")
+        await start(manager, link, "read", "spotfi/api/i1/x/out")
+        manager.subscribers("spotfi/api/gone/x/out", False)
+        manager.subscribers("spotfi/api/gone/x/out", True)  # back: the clock starts over
+        manager.subscribers("spotfi/api/gone/x/out", False)
+        deadline = loop.time() + 0.2
+        await until(lambda: loop.time() >= deadline, "the timeout to pass")
+        assert not link.of("orphan", "x-error")  # 0.2 s since the reset, not yet checked
+        manager.subscribers("spotfi/api/i1/x/out", True)
+        manager.subscribers("spotfi/api/gone/x/out", False)
+        error = await link.wait_x("orphan", "x-error")
+        assert error["reason"] == "no-subscriber", error
+        assert not link.of("read", "x-error") and len(manager) == 1
+        assert manager.counters()["no_subscriber_closed"] == 1
+        await manager.shutdown()
+    run(body)
