@@ -52,7 +52,9 @@ class _Stream:
     seq: int = 0
 
 
-def serve(port: int, router_id: str, out_topic: str, max_inflight: int) -> int:
+def serve(port: int, router_id: str, out_topic: str, max_inflight: int, echo_qos: int = 1) -> int:
+    """Echo ``x/in`` at ``echo_qos`` (the bridge's ``[terminal] qos``, so that the floor
+    pays for the same delivery guarantee), answer RPCs at QoS 1, stream on request."""
     topics = Topics(router_id)
     replies: list[tuple[str, bytes]] = []
     streams: list[_Stream] = []
@@ -98,7 +100,7 @@ def serve(port: int, router_id: str, out_topic: str, max_inflight: int) -> int:
             announced = True
         while replies:
             topic, payload = replies.pop(0)
-            client.publish(topic, payload, qos=1)
+            client.publish(topic, payload, qos=echo_qos if topic == out_topic else 1)
         if streams:
             stream = streams[0]
             piece = stream.data[stream.offset:stream.offset + stream.chunk]
@@ -118,7 +120,8 @@ def _nodelay(sock: Any) -> None:
 class FloorProcess:
     """The ``serve`` floor as a child of the bench."""
 
-    def __init__(self, port: int, router_id: str, out_topic: str, max_inflight: int = 100) -> None:
+    def __init__(self, port: int, router_id: str, out_topic: str, max_inflight: int = 100,
+                 echo_qos: int = 1) -> None:
         self.router_id = router_id
         self.topics = Topics(router_id)
         self.out_topic = out_topic
@@ -126,7 +129,8 @@ class FloorProcess:
         env = dict(os.environ, PYTHONPATH=root)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.floors", "serve", "--port", str(port), "--router",
-             router_id, "--out-topic", out_topic, "--max-inflight", str(max_inflight)],
+             router_id, "--out-topic", out_topic, "--max-inflight", str(max_inflight),
+             "--echo-qos", str(echo_qos)],
             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, cwd=root)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -267,9 +271,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     serve_cmd.add_argument("--router", required=True)
     serve_cmd.add_argument("--out-topic", required=True)
     serve_cmd.add_argument("--max-inflight", type=int, default=100)
+    serve_cmd.add_argument("--echo-qos", type=int, choices=(0, 1, 2), default=1)
     args = parser.parse_args(argv)
     try:
-        return serve(args.port, args.router, args.out_topic, args.max_inflight)
+        return serve(args.port, args.router, args.out_topic, args.max_inflight, args.echo_qos)
     except KeyboardInterrupt:
         return 0
 

@@ -341,7 +341,8 @@ class Bench:
         self.a.on(self.floor_topics.rpc_response, self._rpc_reply)
         self.a.on(FLOOR_OUT, lambda p, at: self.floor_echoes.append(at))
         self.a.on(FLOOR_STREAM_OUT, self.floor_stream)
-        self.floor = FloorProcess(self.broker.port, FLOOR_ID, FLOOR_OUT)
+        self.floor = FloorProcess(self.broker.port, FLOOR_ID, FLOOR_OUT,
+                                  echo_qos=self.terminal.qos)
 
     def teardown(self) -> None:
         bridge, floor, api, broker = self.bridge, self.floor, self.api, self.broker
