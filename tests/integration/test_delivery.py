@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import re
+import shutil
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -134,6 +135,7 @@ def _stream(broker: Mosquitto, toml: str) -> Iterator[Stream]:
             bridge.close()
             api.close()
     log = bridge.log()
+    shutil.rmtree(bridge.dir, ignore_errors=True)
     assert "Traceback" not in log, log[-3000:]
     assert "token-one" not in log and "token-two" not in log
 
@@ -286,7 +288,9 @@ def test_mqtt5_output_without_subscriber_ends_the_session(broker: Mosquitto) -> 
     finally:
         bridge.close()
         api.close()
-    assert "Traceback" not in bridge.log()
+        log = bridge.log()
+        shutil.rmtree(bridge.dir, ignore_errors=True)
+    assert "Traceback" not in log
 
 
 def stream_session(api: ApiClient) -> str:
