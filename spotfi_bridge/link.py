@@ -250,8 +250,7 @@ class MqttLink:
             while self._connected and self._drained is None:
                 if self._control.waiting:
                     self._send(self._control.waiting.popleft())
-                elif (self._bulk.waiting and self._bulk_inflight_bytes < window
-                      and self._bulk_inflight < BULK_INFLIGHT_MESSAGES):
+                elif self._bulk.waiting and self._bulk_fits(window):
                     self._send(self._bulk.waiting.popleft())
                 else:
                     break
@@ -270,6 +269,13 @@ class MqttLink:
                 self._loop.call_soon(_call_safely, on_sent)
             else:
                 _call_safely(on_sent)
+
+    def _bulk_fits(self, window: int) -> bool:
+        """Whether the next bulk message stays within the window (one always may go)."""
+        if not self._bulk_inflight:
+            return True
+        return (self._bulk_inflight < BULK_INFLIGHT_MESSAGES and self._bulk_inflight_bytes
+                + len(self._bulk.waiting[0].payload) <= window)
 
     def reconfigure(self, config: Config) -> bool:
         """Apply a reloaded config; returns True when a new connection is needed.
