@@ -300,12 +300,15 @@ class MqttLink:
         return reconnect
 
     async def _drain_then_switch(self, client: paho.Client) -> None:
-        assert self._drained is not None
+        drained = self._drained
+        assert drained is not None
         if self._inflight:
             try:
-                await asyncio.wait_for(self._drained.wait(), RELOAD_DRAIN_TIMEOUT)
+                await asyncio.wait_for(drained.wait(), RELOAD_DRAIN_TIMEOUT)
             except asyncio.TimeoutError:
                 pass
+        if self._drained is not drained:
+            return  # close() took over: this connection is the last one
         self._drained = None
         if not self._is_current(client) or self._closing:
             return
@@ -358,6 +361,10 @@ class MqttLink:
         the sessions' last output and x-error went out, or half the time ran out."""
         if self._closing:
             return
+        drained, self._drained = self._drained, None
+        if drained is not None:  # a reload was waiting to reconnect: this connection is the last
+            drained.set()
+            self._pump()
         if self._connected and self._client is not None:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + flush_timeout

@@ -297,3 +297,26 @@ def stream_session(api: ApiClient) -> str:
     session_id = api.x_start(ROUTER)
     api.wait_x(session_id, "x-started", 15)
     return session_id
+
+
+def test_sigterm_while_a_reload_waits_for_acknowledgements_still_says_offline(
+        slow_stream: Stream) -> None:
+    """On a slow link a reload waits for the output in flight; a SIGTERM then must still
+    publish OFFLINE (retained), not leave the router ONLINE with a clean DISCONNECT."""
+    stream, api = slow_stream, slow_stream.api
+    stream.proxy.rate_bps = 64_000 / 8
+    session = stream.start(10_000_000)
+    stream.wait_flowing(session, 2_000)
+    mark = api.mark()
+    stream.config.write_text(bridge_toml("token-two", interval=5, keepalive=30))
+    stream.bridge.signal(signal.SIGHUP)
+    stream.bridge.wait_log("config reloaded (reconnecting)", 20)
+    assert stream.bridge.terminate(15) == 0
+    api.wait_message(STATUS, lambda m: m.payload == b"OFFLINE", 20, mark)
+    late = ApiClient(stream.broker.port)  # what a dashboard connecting now reads
+    try:
+        late.subscribe(STATUS, 0)
+        retained = late.wait_message(STATUS, lambda m: m.retain, 10)
+        assert retained.payload == b"OFFLINE"
+    finally:
+        late.close()
