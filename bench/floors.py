@@ -3,7 +3,10 @@
 ``python -m bench.floors serve`` is the minimal MQTT client that stands in for
 the bridge: it echoes ``x/in`` and ``rpc/request`` payloads straight back
 unchanged and, on request, publishes a byte stream as ``x-data`` messages of
-the bridge's batch size. The other floors run inside the bench process: a bare
+the bridge's batch size. ``python -m bench.floors relay`` is the minimal terminal:
+it types every ``x-data`` from ``x/in`` into a shell on a PTY and publishes what the
+PTY prints as ``x-data``, the least a bridge must do per keystroke. The other
+floors run inside the bench process: a bare
 reader draining a command from a local PTY (no MQTT), the import time and RSS
 of the bridge's dependencies, and the fake ubus's exec time.
 """
@@ -11,9 +14,11 @@ of the bridge's dependencies, and the fake ubus's exec time.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import resource
+import select
 import subprocess
 import sys
 import time
@@ -25,8 +30,10 @@ import paho.mqtt.client as paho
 from spotfi_bridge import mqtt_compat
 from spotfi_bridge.protocol import Topics, x_data
 
-#: What the bridge imports that costs: the import floor of start-up time and RSS.
-IMPORTS = "paho.mqtt.client, psutil, ptyprocess, asyncio, json, ssl"
+#: What the bridge needs to import, as a minimal client imports it: the import floor of
+#: start-up time and RSS. psutil is not among them (a router's metrics come from ubus and
+#: /proc).
+IMPORTS = "paho.mqtt.client, ptyprocess, asyncio, json, ssl"
 IMPORT_CODE = (
     f"import {IMPORTS}\n"
     "import time\n"
@@ -34,8 +41,17 @@ IMPORT_CODE = (
     "rss = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS')][0]\n"
     "print(t, rss)\n"
 )
+#: The same with paho's urllib.request registered but never executed, as the bridge defers
+#: it (``mqtt_compat._defer_import``): what the dependencies cost at the very least.
+DEFERRED_IMPORT_CODE = (
+    "import importlib.util, sys, urllib\n"
+    "spec = importlib.util.find_spec('urllib.request')\n"
+    "urllib.request = sys.modules['urllib.request'] = importlib.util.module_from_spec(spec)\n"
+    + IMPORT_CODE
+)
 
 STREAM_CONTROL_TOPIC = "bench/floor/stream"
+RELAY_STREAM_TOPIC = "bench/relay/stream"
 
 
 # ---------------------------------------------------------------------- MQTT floor process
@@ -52,9 +68,7 @@ class _Stream:
     seq: int = 0
 
 
-def serve(port: int, router_id: str, out_topic: str, max_inflight: int, echo_qos: int = 1) -> int:
-    """Echo ``x/in`` at ``echo_qos`` (the bridge's ``[terminal] qos``, so that the floor
-    pays for the same delivery guarantee), answer RPCs at QoS 1, stream on request."""
+def serve(port: int, router_id: str, out_topic: str, max_inflight: int) -> int:
     topics = Topics(router_id)
     replies: list[tuple[str, bytes]] = []
     streams: list[_Stream] = []
@@ -100,7 +114,7 @@ def serve(port: int, router_id: str, out_topic: str, max_inflight: int, echo_qos
             announced = True
         while replies:
             topic, payload = replies.pop(0)
-            client.publish(topic, payload, qos=echo_qos if topic == out_topic else 1)
+            client.publish(topic, payload, qos=1)
         if streams:
             stream = streams[0]
             piece = stream.data[stream.offset:stream.offset + stream.chunk]
@@ -111,6 +125,113 @@ def serve(port: int, router_id: str, out_topic: str, max_inflight: int, echo_qos
                 streams.pop(0)
 
 
+@dataclass
+class _Terminal:
+    """One PTY the relay reads: its output goes out as x-data, per read or in chunks."""
+
+    proc: subprocess.Popen[bytes]
+    session: str
+    topic: str
+    chunk: int = 0  # 0: one message per read (keystrokes); else full chunks, the rest at EOF
+    pending: bytes = b""
+    seq: int = 0
+
+
+def _spawn_on_pty(argv: list[str]) -> tuple[int, subprocess.Popen[bytes]]:
+    master, slave = os.openpty()
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave,
+                            start_new_session=True)
+    os.close(slave)
+    os.set_blocking(master, False)
+    return master, proc
+
+
+def relay(port: int, router_id: str, out_topic: str, qos: int, shell: str) -> int:
+    """The terminal floor: the least a bridge must do, in one select loop over the broker
+    socket and the PTY masters (as paho's own ``loop``).
+
+    Keystrokes: ``x-data`` from ``x/in`` typed into ``shell`` on a PTY, its output
+    published to ``out_topic`` as ``x-data`` with ``seq``, one message a read. Bulk: a
+    command named on ``RELAY_STREAM_TOPIC`` runs on its own PTY and its output is published
+    in messages of ``chunk`` bytes (the bridge's ``batch_bytes``), the rest at EOF.
+    """
+    topics = Topics(router_id)
+    master, proc = _spawn_on_pty([shell])
+    terminals = {master: _Terminal(proc, "relay", out_topic)}
+    subscribed = [False]
+
+    def on_connect(result: mqtt_compat.ConnectResult) -> None:
+        if result.ok:
+            client.subscribe([(topics.x_in, 1), (RELAY_STREAM_TOPIC, 1)])
+
+    def on_message(topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        message = json.loads(payload)
+        if topic == RELAY_STREAM_TOPIC:
+            fd, child = _spawn_on_pty(message["command"])
+            terminals[fd] = _Terminal(child, message["session"], message["topic"],
+                                      int(message["chunk"]))
+        elif message.get("type") == "x-data":
+            terminals[master].session = message["sessionId"]
+            os.write(master, base64.b64decode(message["data"]))
+
+    def send(term: _Terminal, data: bytes) -> None:
+        client.publish(term.topic, x_data(term.session, data, term.seq), qos=qos)
+        term.seq += 1
+
+    def on_readable(fd: int) -> None:
+        term = terminals[fd]
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:  # EIO: every slave side is closed
+            data = b""
+        term.pending += data
+        size = term.chunk or len(term.pending)
+        while term.pending and (len(term.pending) >= size or not data):
+            send(term, term.pending[:size])
+            term.pending = term.pending[size:]
+        if not data:
+            del terminals[fd]
+            os.close(fd)
+            term.proc.wait()
+
+    client = mqtt_compat.new_client(f"bench-relay-{os.getpid()}", clean_session=True)
+    mqtt_compat.bind_callbacks(client, on_connect=on_connect, on_disconnect=lambda rc: None,
+                               on_message=on_message, on_publish=lambda mid: None)
+    client.on_socket_open = lambda _c, _u, sock: _nodelay(sock)
+    client.on_subscribe = lambda *args: subscribed.__setitem__(0, True)
+    client.max_inflight_messages_set(100)
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", port, keepalive=60)
+    announced = False
+    try:
+        while True:
+            sock = client.socket()
+            if sock is None:
+                return 1
+            wants = [sock] if client.want_write() else []
+            readable, _, _ = select.select([sock, *terminals], wants, [], 1.0)
+            if sock in readable and client.loop_read() != paho.MQTT_ERR_SUCCESS:
+                return 1  # broker gone
+            for fd in readable:
+                if fd in terminals:
+                    on_readable(fd)
+            if master not in terminals:
+                return 0  # the shell is gone
+            if client.want_write():
+                client.loop_write()
+            client.loop_misc()
+            if not announced and subscribed[0]:
+                print("ready", flush=True)
+                announced = True
+    finally:
+        for fd, term in terminals.items():
+            term.proc.kill()
+            term.proc.wait()
+            os.close(fd)
+
+
 def _nodelay(sock: Any) -> None:
     from bench.api import set_nodelay
 
@@ -118,20 +239,23 @@ def _nodelay(sock: Any) -> None:
 
 
 class FloorProcess:
-    """The ``serve`` floor as a child of the bench."""
+    """The ``serve`` floor (or, with ``relay_qos``, the ``relay`` floor) as a child of the bench."""
 
     def __init__(self, port: int, router_id: str, out_topic: str, max_inflight: int = 100,
-                 echo_qos: int = 1) -> None:
+                 relay_qos: Optional[int] = None, shell: str = "/bin/sh") -> None:
         self.router_id = router_id
         self.topics = Topics(router_id)
         self.out_topic = out_topic
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=root)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.floors", "serve", "--port", str(port), "--router",
-             router_id, "--out-topic", out_topic, "--max-inflight", str(max_inflight),
-             "--echo-qos", str(echo_qos)],
-            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, cwd=root)
+        common = ["--port", str(port), "--router", router_id, "--out-topic", out_topic]
+        if relay_qos is None:
+            argv = ["serve", *common, "--max-inflight", str(max_inflight)]
+        else:
+            argv = ["relay", *common, "--qos", str(relay_qos), "--shell", shell]
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.floors", *argv],
+                                     stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
+                                     cwd=root)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if line.strip() != b"ready":
@@ -181,7 +305,6 @@ def drain_pty(argv: list[str]) -> tuple[bytes, float]:
 
 def drain_ptys(argv: list[str], count: int) -> list[tuple[bytes, float]]:
     """``count`` copies of ``argv`` on their own PTYs at once, drained by one select loop."""
-    import select
 
     started = time.perf_counter()
     masters: dict[int, list[bytes]] = {}
@@ -224,8 +347,6 @@ class PtyEcho:
         self._drain_prompt()
 
     def _drain_prompt(self) -> None:
-        import select
-
         while select.select([self.master], [], [], 0.3)[0]:
             os.read(self.master, 65536)
 
@@ -243,12 +364,14 @@ class PtyEcho:
         self.proc.wait()
 
 
-def import_floor(env: dict[str, str], cwd: Optional[str] = None) -> tuple[float, int, float]:
+def import_floor(env: dict[str, str], cwd: Optional[str] = None, deferred: bool = False
+                 ) -> tuple[float, int, float]:
     """Seconds from spawn to the dependencies imported, the RSS (KiB) at that point, and the
-    CPU seconds the whole child used."""
+    CPU seconds the whole child used; ``deferred``: with paho's urllib.request deferred."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", IMPORT_CODE], env=env, cwd=cwd,
+    code = DEFERRED_IMPORT_CODE if deferred else IMPORT_CODE
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd,
                          capture_output=True, check=True).stdout.split()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
@@ -271,10 +394,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     serve_cmd.add_argument("--router", required=True)
     serve_cmd.add_argument("--out-topic", required=True)
     serve_cmd.add_argument("--max-inflight", type=int, default=100)
-    serve_cmd.add_argument("--echo-qos", type=int, choices=(0, 1, 2), default=1)
+    relay_cmd = sub.add_parser("relay", help="the minimal keystroke relay to a shell on a PTY")
+    relay_cmd.add_argument("--port", type=int, required=True)
+    relay_cmd.add_argument("--router", required=True)
+    relay_cmd.add_argument("--out-topic", required=True)
+    relay_cmd.add_argument("--qos", type=int, default=1)
+    relay_cmd.add_argument("--shell", default="/bin/sh")
     args = parser.parse_args(argv)
     try:
-        return serve(args.port, args.router, args.out_topic, args.max_inflight, args.echo_qos)
+        if args.command == "relay":
+            return relay(args.port, args.router, args.out_topic, args.qos, args.shell)
+        return serve(args.port, args.router, args.out_topic, args.max_inflight)
     except KeyboardInterrupt:
         return 0
 

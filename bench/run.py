@@ -47,6 +47,7 @@ from bench import procfs  # noqa: E402
 from bench.api import Api, SessionSink, Sinks  # noqa: E402
 from bench.fakeubus import write_fake_ubus  # noqa: E402
 from bench.floors import (  # noqa: E402
+    RELAY_STREAM_TOPIC,
     STREAM_CONTROL_TOPIC,
     FloorProcess,
     PtyEcho,
@@ -70,6 +71,9 @@ FLOOR_ID = "bench-floor"
 API_OUT = "spotfi/api/bench/x/out"
 FLOOR_OUT = "spotfi/api/bench-floor/x/out"
 FLOOR_STREAM_OUT = "spotfi/api/bench-floor-stream/x/out"
+RELAY_ID = "bench-relay"
+RELAY_OUT = "spotfi/api/bench-relay/x/out"
+RELAY_SESSION = "relay-keys"
 SHELL = "/bin/sh"
 END_COMMAND = 'echo BENCH-""END'  # the typed line's echo does not contain the marker
 MB = 1e6
@@ -237,9 +241,11 @@ class Bench:
         self.broker: Optional[Mosquitto] = None
         self.api: Optional[Api] = None
         self.floor: Optional[FloorProcess] = None
+        self.relay: Optional[FloorProcess] = None
         self.bridge: Optional[BridgeProcess] = None
         self.sinks = Sinks()
         self.floor_stream = Sinks()
+        self.relay_sinks = Sinks()
         self.floor_echoes: list[float] = []
         self.status: list[tuple[bytes, float]] = []
         self.metrics_at: list[float] = []
@@ -250,6 +256,7 @@ class Bench:
             tables.setdefault(section, {}).update(values)
         self.toml = toml_text(tables)
         self.cpu_at_online = math.nan
+        self.fresh_rss_mb = math.nan  # the workload's bridge, idle after its first metrics
         self.py_spy: Optional[str] = None
         if settings.profile:
             self.py_spy = find_py_spy()
@@ -265,7 +272,7 @@ class Bench:
         return self.api
 
     def bridge_env(self) -> dict[str, str]:
-        return {"PATH": self.path, "SPOTFI_ENV_FILE": "/nonexistent", "SPOTFI_LOG_LEVEL": "info",
+        return {"PATH": self.path, "SPOTFI_ENV_FILE": os.devnull, "SPOTFI_LOG_LEVEL": "info",
                 "PYTHONPATH": str(self.bridge_src)}
 
     def new_bridge(self) -> BenchBridge:
@@ -341,15 +348,15 @@ class Bench:
         self.a.on(self.floor_topics.rpc_response, self._rpc_reply)
         self.a.on(FLOOR_OUT, lambda p, at: self.floor_echoes.append(at))
         self.a.on(FLOOR_STREAM_OUT, self.floor_stream)
-        self.floor = FloorProcess(self.broker.port, FLOOR_ID, FLOOR_OUT,
-                                  echo_qos=self.terminal.qos)
+        self.a.on(RELAY_OUT, self.relay_sinks)
+        self.floor = FloorProcess(self.broker.port, FLOOR_ID, FLOOR_OUT)
 
     def teardown(self) -> None:
-        bridge, floor, api, broker = self.bridge, self.floor, self.api, self.broker
+        bridge, floor, relay, api, broker = self.bridge, self.floor, self.relay, self.api, self.broker
         actions: list[Callable[[], None]] = []
         if bridge is not None:
             actions.append(lambda: self.stop_bridge(bridge))
-        actions += [c.close for c in (floor, api, broker) if c is not None]
+        actions += [c.close for c in (floor, relay, api, broker) if c is not None]
         for action in actions:
             try:
                 action()
@@ -457,7 +464,8 @@ class Bench:
         self.setup()
         phases: list[tuple[str, str, Callable[[], None], list[tuple[str, str]]]] = [
             ("keys", "keystroke echo", self.bench_keystrokes,
-             [("keystroke echo p50", "ms"), ("keystroke echo p99", "ms")]),
+             [("keystroke echo p50", "ms"), ("keystroke echo p99", "ms"),
+              ("keystroke CPU of the bridge (in and out)", "us/key")]),
             ("bulk", "bulk output", self.bench_bulk, [("bulk output", "MB/s")]),
             ("rpc", "rpc round trips", self.bench_rpc,
              [("rpc bridge ping p50", "ms"), ("rpc system info p50", "ms")]),
@@ -478,6 +486,12 @@ class Bench:
                     self.phase("start-up profile", self.profile_start, [])
             if self.bridge is None:
                 self.bridge, _ = self.start_bridge()
+                mark = len(self.metrics_at)
+                self.wait_count(self.metrics_at, mark, 15, "the first metrics")
+                self.a.pump(None, 0.3)
+                self.fresh_rss_mb = procfs.memory_kib(self.bridge.pid)["VmRSS"] / 1024
+            else:  # the last start's bridge carries on
+                self.fresh_rss_mb = self.raw["start"]["rss_mb"][-1]
             self.raw["bridge_threads_at_start"] = procfs.thread_names(self.bridge.pid)
             for key, name, body, figures in phases:
                 if key == "idle" and self.s.wants("idle"):
@@ -495,11 +509,15 @@ class Bench:
         env.update(self.new_bridge().env)  # the interpreter and paths the bridge gets
         import_floor(env)  # warm the page cache for both
         starts, imports, rss, rss_floor, cpu, cpu_floor = [], [], [], [], [], []
+        lean_imports, lean_rss_floor = [], []  # paho's urllib.request deferred, as the bridge
         for rep in range(self.s.start_reps):
             seconds, kib, cpu_seconds = import_floor(env)
             imports.append(seconds * 1000)
             rss_floor.append(kib / 1024)
             cpu_floor.append(cpu_seconds * 1000)
+            seconds, kib, _ = import_floor(env, deferred=True)
+            lean_imports.append(seconds * 1000)
+            lean_rss_floor.append(kib / 1024)
             bridge, online = self.start_bridge()
             starts.append(online * 1000)
             cpu.append(self.cpu_at_online * 1000)
@@ -512,13 +530,22 @@ class Bench:
             else:
                 self.stop_bridge(bridge)
         self.raw["start"] = {"online_ms": starts, "import_ms": imports, "rss_mb": rss,
-                             "import_rss_mb": rss_floor, "cpu_ms": cpu, "import_cpu_ms": cpu_floor}
+                             "import_rss_mb": rss_floor, "cpu_ms": cpu, "import_cpu_ms": cpu_floor,
+                             "deferred_import_ms": lean_imports,
+                             "deferred_import_rss_mb": lean_rss_floor}
         self.add(Figure("start to ONLINE", median(starts), "ms", median(imports), "max_over", 20,
                         reps=starts, rep_floors=imports))
+        self.add(Figure("start to ONLINE over the lean floor", median(starts), "ms",
+                        median(lean_imports), reps=starts, rep_floors=lean_imports,
+                        note="floor: paho's urllib.request deferred too"))
         self.add(Figure("start CPU to ONLINE", median(cpu), "ms", median(cpu_floor), reps=cpu,
                         rep_floors=cpu_floor, note="floor: CPU of the import alone"))
-        self.add(Figure("RSS idle", median(rss), "MB", median(rss_floor), "max_over", 2, reps=rss,
+        self.add(Figure("RSS idle", median(rss), "MB", median(rss_floor), "max_over", 1, reps=rss,
                         rep_floors=rss_floor))
+        self.add(Figure("RSS idle over the lean floor", median(rss), "MB", median(lean_rss_floor),
+                        reps=rss, rep_floors=lean_rss_floor,
+                        note=f"+{median([a - b for a, b in zip(rss, lean_rss_floor)]):.2f} MB; "
+                             "floor: paho's urllib.request deferred too"))
 
     # keystrokes ---------------------------------------------------------------
 
@@ -534,40 +561,80 @@ class Bench:
         self.a.pump(lambda: len(self.floor_echoes) > mark, 5, "the floor's echo")
         return self.floor_echoes[mark] - sent
 
-    def bench_keystrokes(self) -> None:
-        sink = self.open_session()
-        keys = (b"a", b"\x7f")  # type a letter, erase it: the line never grows
+    def _relay_key(self, sink: SessionSink, key: bytes, echo: bytes) -> float:
+        mark = len(sink.chunks)
+        sent = self.a.publish(Topics(RELAY_ID).x_in, protocol.api_x_data(RELAY_SESSION, key))
+        self.a.pump(lambda: sink.output(mark).endswith(echo), 5, f"the relay's echo of {key!r}")
+        return sink.chunks[-1].at - sent
+
+    def _learn_echoes(self, keys: tuple[bytes, ...], chunks: list[Any],
+                      send: Callable[[bytes], Any], output: Callable[[int], bytes]
+                      ) -> dict[bytes, bytes]:
+        """What the shell prints for each key (its echo), typed a few times."""
         echoes: dict[bytes, bytes] = {}
         for _ in range(3):
             for key in keys:
-                mark = len(sink.chunks)
-                self.type(sink, key)
-                self.wait_count(sink.chunks, mark, 5, "an echo")
+                mark = len(chunks)
+                send(key)
+                self.wait_count(chunks, mark, 5, "an echo")
                 self.a.pump(None, 0.05)
-                echoes[key] = sink.output(mark)
+                echoes[key] = output(mark)
+        return echoes
+
+    def relay_floor(self) -> FloorProcess:
+        """The minimal terminal (``bench.floors relay``), started on first use."""
+        if self.relay is None:
+            assert self.broker is not None
+            self.relay = FloorProcess(self.broker.port, RELAY_ID, RELAY_OUT,
+                                      relay_qos=self.terminal.qos, shell=SHELL)
+        return self.relay
+
+    def bench_keystrokes(self) -> None:
+        assert self.bridge is not None
+        relay = self.relay_floor()
+        sink = self.open_session()
+        relay_sink = self.relay_sinks.add(SessionSink(RELAY_SESSION))
+        keys = (b"a", b"\x7f")  # type a letter, erase it: the line never grows
+        echoes = self._learn_echoes(keys, sink.chunks, lambda k: self.type(sink, k), sink.output)
+        relay_topic = Topics(RELAY_ID).x_in
+        relay_echoes = self._learn_echoes(
+            keys, relay_sink.chunks,
+            lambda k: self.a.publish(relay_topic, protocol.api_x_data(RELAY_SESSION, k)),
+            relay_sink.output)
         pty = PtyEcho(SHELL)
         for _ in range(10):  # warm-up
             for key in keys:
                 self._bridge_key(sink, key, echoes[key])
                 self._floor_key(key)
+                self._relay_key(relay_sink, key, relay_echoes[key])
                 pty.sample(key, len(echoes[key]))
-        per_rep: dict[str, list[list[float]]] = {"bridge": [], "floor": [], "pty": []}
+        per_rep: dict[str, list[list[float]]] = {"bridge": [], "floor": [], "pty": [],
+                                                 "relay": []}
+        cpu: dict[str, list[float]] = {"bridge": [], "relay": []}  # CPU microseconds per key
         for _rep in range(self.s.reps):
-            bridge, floor, local = [], [], []
+            samples: dict[str, list[float]] = {who: [] for who in per_rep}
+            before = {"bridge": procfs.snapshot(self.bridge.pid),
+                      "relay": procfs.snapshot(relay.pid)}
             for i in range(self.s.keystrokes):
                 key = keys[i % 2]
-                if (i // 2) % 2:
-                    bridge.append(self._bridge_key(sink, key, echoes[key]))
-                    floor.append(self._floor_key(key))
-                else:
-                    floor.append(self._floor_key(key))
-                    bridge.append(self._bridge_key(sink, key, echoes[key]))
-                local.append(pty.sample(key, len(echoes[key])))
-            per_rep["bridge"].append([x * 1000 for x in bridge])
-            per_rep["floor"].append([x * 1000 for x in floor])
-            per_rep["pty"].append([x * 1000 for x in local])
+                order = ["bridge", "floor", "relay"]
+                turn = (i // 2) % 3
+                for who in order[turn:] + order[:turn]:
+                    if who == "bridge":
+                        samples[who].append(self._bridge_key(sink, key, echoes[key]))
+                    elif who == "floor":
+                        samples[who].append(self._floor_key(key))
+                    else:
+                        samples[who].append(self._relay_key(relay_sink, key, relay_echoes[key]))
+                samples["pty"].append(pty.sample(key, len(echoes[key])))
+            for who, pid in (("bridge", self.bridge.pid), ("relay", relay.pid)):
+                used = procfs.cost_between(before[who], procfs.snapshot(pid)).cpu_s
+                cpu[who].append(used * 1e6 / self.s.keystrokes)
+            for who in per_rep:
+                per_rep[who].append([x * 1000 for x in samples[who]])
         pty.close()
         self.close_session(sink)
+        self.relay_sinks.by_id.pop(RELAY_SESSION, None)
 
         def stat(who: str, q: float) -> tuple[float, list[float]]:
             values = [percentile(samples, q) for samples in per_rep[who]]
@@ -575,6 +642,7 @@ class Bench:
 
         self.raw["keystroke"] = {who: {f"p{q}": stat(who, q)[1] for q in (50, 95, 99)}
                                  for who in per_rep}
+        self.raw["keystroke"]["cpu_us_per_key"] = cpu
         self.raw["keystroke"]["echo_bytes"] = {k.decode("latin-1"): v.decode("latin-1")
                                                for k, v in echoes.items()}
         for q, kind, limit in ((50, "max_ratio", 1.3), (95, "info", None), (99, "max_ratio", 2.0)):
@@ -583,6 +651,13 @@ class Bench:
             self.add(Figure(f"keystroke echo p{q}", value, "ms", floor_value, kind, limit, reps=reps,
                             rep_floors=floor_reps))
         self.add(Figure("PTY's own echo p50", stat("pty", 50)[0], "ms", stat("floor", 50)[0]))
+        value, reps = stat("relay", 50)
+        self.add(Figure("keystroke echo via the PTY relay p50", value, "ms", stat("floor", 50)[0],
+                        reps=reps, rep_floors=stat("floor", 50)[1],
+                        note="floor: broker echo; the relay is the CPU floor below"))
+        self.add(Figure("keystroke CPU of the bridge (in and out)", median(cpu["bridge"]), "us/key",
+                        median(cpu["relay"]), "max_ratio", 1.5, reps=cpu["bridge"],
+                        rep_floors=cpu["relay"], note="floor: the minimal PTY relay"))
 
     # bulk output --------------------------------------------------------------
 
@@ -621,21 +696,34 @@ class Bench:
         self.floor_stream.by_id.pop(session_id)
         return sink.end_at - started, self._verify_stream(sink, expected)
 
+    def _relay_bulk(self, session_id: str, count: int, expected: bytes) -> tuple[float, list[str]]:
+        """The minimal terminal publishing ``seq`` read from its own PTY, in chunks."""
+        sink = self.relay_sinks.add(SessionSink(session_id))
+        spec = {"command": [SHELL, "-c", f"echo; seq 1 {count} | cat; {END_COMMAND}"],
+                "chunk": self.terminal.batch_bytes, "session": session_id, "topic": RELAY_OUT}
+        started = self.a.publish(RELAY_STREAM_TOPIC, json.dumps(spec).encode())
+        self.a.pump(lambda: sink.end_at is not None, 300, "the end of the relay's stream")
+        assert sink.end_at is not None
+        self.relay_sinks.by_id.pop(session_id)
+        return sink.end_at - started, self._verify_stream(sink, expected)
+
     def bench_bulk(self) -> None:
         count = seq_count_for(self.s.bulk_bytes)
         expected = seq_bytes(count)
         stream_file = self.work / "stream.bin"
         stream_file.write_bytes(b"\r\n" + expected + b"BENCH-END\r\n")
         batch = self.terminal.batch_bytes
-        rates: dict[str, list[float]] = {"bridge": [], "pty": [], "mqtt": []}
+        rates: dict[str, list[float]] = {"bridge": [], "pty": [], "mqtt": [], "relay": []}
         problems: list[str] = []
         message_sizes: list[int] = []
         assert self.bridge is not None
-        cpu: dict[str, list[float]] = {"bridge": [], "pty": [], "mqtt": []}  # CPU s per MB
+        # CPU ms per MB
+        cpu: dict[str, list[float]] = {"bridge": [], "pty": [], "mqtt": [], "relay": []}
         assert self.floor is not None
+        relay = self.relay_floor()
         for rep in range(self.s.reps):
-            order = ["bridge", "pty", "mqtt"]
-            order = order[rep % 3:] + order[:rep % 3]
+            order = ["bridge", "pty", "mqtt", "relay"]
+            order = order[rep % 4:] + order[:rep % 4]
             for who in order:
                 if who == "pty":
                     before_self = resource.getrusage(resource.RUSAGE_SELF)
@@ -650,6 +738,11 @@ class Bench:
                     seconds, found = self._floor_bulk(f"floor-bulk-{rep}", stream_file, expected)
                     used = procfs.cost_between(before, procfs.snapshot(self.floor.pid)).cpu_s
                     problems += [f"mqtt floor: {p}" for p in found]
+                elif who == "relay":
+                    before = procfs.snapshot(relay.pid)
+                    seconds, found = self._relay_bulk(f"relay-bulk-{rep}", count, expected)
+                    used = procfs.cost_between(before, procfs.snapshot(relay.pid)).cpu_s
+                    problems += [f"relay floor: {p}" for p in found]
                 else:
                     sink = self.open_session()
                     before = procfs.snapshot(self.bridge.pid)
@@ -679,10 +772,16 @@ class Bench:
                         reps=rates["pty"]))
         self.add(Figure("bulk floor: minimal MQTT publisher", median(rates["mqtt"]), "MB/s",
                         reps=rates["mqtt"]))
+        self.add(Figure("bulk floor: minimal PTY publisher", median(rates["relay"]), "MB/s",
+                        reps=rates["relay"]))
+        # the least a bridge can spend: the minimal terminal reading the same command from
+        # its PTY and publishing it in the same chunks, in the same repetition
         self.add(Figure("bulk CPU of the bridge per MB", median(cpu["bridge"]), "ms/MB",
-                        median(cpu["pty"]), reps=cpu["bridge"],
-                        rep_floors=cpu["pty"],
-                        note=f"MQTT floor: {median(cpu['mqtt']):.0f} ms/MB"))
+                        median(cpu["relay"]), "max_ratio", 1.2, reps=cpu["bridge"],
+                        rep_floors=cpu["relay"],
+                        note=f"floor: minimal PTY publisher; bare PTY reader "
+                             f"{median(cpu['pty']):.1f}, file-fed publisher "
+                             f"{median(cpu['mqtt']):.1f} ms/MB"))
         rss_floor = median(self.raw.get("start", {}).get("import_rss_mb", [math.nan]))
         self.add(Figure("RSS peak during bulk", memory["VmHWM"] / 1024, "MB", rss_floor))
 
@@ -841,8 +940,9 @@ class Bench:
         note = f"{elapsed:.0f} s window"
         self.add(Figure("idle CPU", cpu_per_min, "ms/min", None, "max_abs", 10, note=note))
         self.add(Figure("idle context switches", switches, "1/s", None, "max_abs", 0.5, note=note))
-        rss_floor = median(self.raw.get("start", {}).get("import_rss_mb", [math.nan]))
-        self.add(Figure("RSS idle after the workload", memory["VmRSS"] / 1024, "MB", rss_floor))
+        self.add(Figure("RSS idle after the workload", memory["VmRSS"] / 1024, "MB",
+                        self.fresh_rss_mb, "max_over", 1,
+                        note="floor: the same bridge idle before it"))
 
     # broker outage --------------------------------------------------------------
 
@@ -864,9 +964,10 @@ class Bench:
 
     def bench_outage(self) -> None:
         assert self.broker is not None
-        if self.floor is not None:  # the floor is not needed any more and would not reconnect
-            self.floor.close()
-            self.floor = None
+        for floor in (self.floor, self.relay):  # not needed any more, would not reconnect
+            if floor is not None:
+                floor.close()
+        self.floor = self.relay = None
         values: list[float] = []
         for rep in range(self.s.outage_reps):
             if rep:  # each rep on a fresh bridge: the link's backoff remembers recent outages

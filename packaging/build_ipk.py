@@ -16,6 +16,9 @@ OpenWrt feed packages that carry them, so it stays true as the code changes.
 ``--stage DIR`` writes the same file tree to a directory instead; the OpenWrt
 feed Makefile (``packaging/openwrt/Makefile``) uses it so SDK builds (opkg or
 apk) install exactly what this script packs.
+
+The payload (:func:`collect`: every file, its mode, the Depends) is defined here
+once; ``build_apk.py`` packs the same payload as an OpenWrt 25.12 ``.apk``.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ PACKAGE = "spotfi-bridge"
 RELEASE = "1"
 LIB_DIR = "usr/lib/spotfi-bridge"
 CONFFILE = "/etc/spotfi/bridge.toml"
+#: Directories only this package creates (/etc, /usr/bin... belong to the system): the
+#: postrm removes those a removal left empty.
+OWN_DIRECTORIES = (LIB_DIR, "etc/spotfi")
 #: 2024-01-01T00:00:00Z: the mtime of every entry unless SOURCE_DATE_EPOCH says otherwise.
 DEFAULT_MTIME = 1704067200
 
@@ -49,6 +55,14 @@ DEFAULT_MTIME = 1704067200
 #: missing (or has no main) is left out.
 LAUNCHERS = {
     "spotfi-bridge": "spotfi_bridge.cli",
+}
+
+#: Files installed as they are from the source tree, besides the Python code and the launchers
+#: (path on the router -> (file in the checkout, mode)). The apk build reuses this list too.
+PAYLOAD = {
+    "etc/init.d/spotfi-bridge": ("init.d/spotfi-bridge", 0o755),
+    # bridge update's detached installer (spotfi_bridge/update.py starts it)
+    "usr/libexec/spotfi-bridge-update": ("packaging/update-helper.sh", 0o755),
 }
 
 #: Parts of the package a router does not run: the dry run, and spotfi-bridge-ctl (the API
@@ -305,7 +319,12 @@ class Contents:
 
 
 def collect(source: Path = ROOT, ptyprocess_dir: Optional[Path] = None) -> Contents:
-    """Every file of the package with its mode, and the Depends derived from imports."""
+    """Every file of the package with its mode, and the Depends derived from imports.
+
+    The one payload of both packages: build_apk.py packs what this returns, so a file
+    added here ships in the .ipk and the .apk alike (a new directory of the package's
+    own also goes into :data:`OWN_DIRECTORIES`, for the postrm).
+    """
     version = read_version(source)
     pty_dir = ptyprocess_dir or find_ptyprocess()
     files: list[Entry] = []
@@ -328,8 +347,8 @@ def collect(source: Path = ROOT, ptyprocess_dir: Optional[Path] = None) -> Conte
         if has_main(source, module):
             files.append(Entry(f"usr/bin/{name}", launcher_script(name, module, template),
                                0o755))
-    files.append(Entry("etc/init.d/spotfi-bridge",
-                       (source / "init.d" / "spotfi-bridge").read_bytes(), 0o755))
+    for target, (origin, mode) in PAYLOAD.items():
+        files.append(Entry(target, (source / origin).read_bytes(), mode))
     # the example config may end up holding the token: root only, like /etc/spotfi.env
     files.append(Entry(CONFFILE.lstrip("/"),
                        (source / "packaging" / "bridge.toml.example").read_bytes(), 0o600))
@@ -349,6 +368,20 @@ def with_directories(files: Iterable[Entry]) -> list[Entry]:
         entries[file.path] = file
     # depth-first with the children of each directory sorted by name, directory first
     return sorted(entries.values(), key=lambda entry: entry.path.split("/"))
+
+
+def own_directories(files: Iterable[Entry]) -> list[str]:
+    """The package's own directories (:data:`OWN_DIRECTORIES`), deepest first."""
+    found = [entry.path for entry in with_directories(files) if entry.data is None and any(
+        entry.path == top or entry.path.startswith(top + "/") for top in OWN_DIRECTORIES)]
+    return sorted(found, key=lambda path: (-path.count("/"), path))
+
+
+def postrm_script(files: Iterable[Entry], source: Path = ROOT) -> bytes:
+    """packaging/control/postrm with the list of directories it may remove."""
+    template = (source / "packaging" / "control" / "postrm").read_text("utf-8")
+    listed = " ".join(f"\\\n\t\t/{path}" for path in own_directories(files))
+    return template.replace("@PACKAGE_DIRS@", listed).encode()
 
 
 def control_text(contents: Contents, installed_size: int) -> str:
@@ -430,6 +463,7 @@ def build_ipk(out_dir: Path, source: Path = ROOT, ptyprocess_dir: Optional[Path]
         Entry("conffiles", (CONFFILE + "\n").encode(), 0o644),
         Entry("postinst", (control_dir / "postinst").read_bytes(), 0o755),
         Entry("prerm", (control_dir / "prerm").read_bytes(), 0o755),
+        Entry("postrm", postrm_script(contents.files, source), 0o755),
     ]
     control_tar = tar_bytes(sorted(control_files, key=lambda e: e.path), stamp)
     outer = [

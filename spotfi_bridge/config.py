@@ -8,6 +8,7 @@ it is a router owner looking at ``logread``.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import os
 import shlex
@@ -97,7 +98,13 @@ class RpcConfig:
     max_timeout: float = 300.0
     #: (``path.method`` glob, seconds); first match wins.
     timeouts: tuple[tuple[str, float], ...] = (("file.exec", 120.0),)
-    max_age: float = 300.0
+    #: how long the API waits for a call before it gives up: an older request is not run
+    max_age: float = 30.0
+    #: (``path.method`` glob, seconds); first match wins. ``file.exec`` runs ``opkg install``,
+    #: for which the API waits 120 s.
+    max_ages: tuple[tuple[str, float], ...] = (("file.exec", 120.0),)
+    #: allowed difference between the router's clock and the API's (see freshness.py)
+    clock_skew: float = 5.0
     output_cap: int = 1024 * 1024
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
@@ -107,13 +114,23 @@ class RpcConfig:
     #: a client that publishes past its packet limit (EMQX: 1 MB by default), and the
     #: QoS 1 resend after the reconnect would do it again, forever
     max_reply_bytes: int = 1_000_000
+    #: map the API's calls that real ubus does not answer to what does (rpc/compat.py)
+    compat: bool = True
+    #: where the compat layer's ``service ACTION {name}`` finds init scripts (tests move it)
+    init_dir: str = "/etc/init.d"
 
     def timeout_for(self, path: str, method: str) -> float:
-        name = f"{path}.{method}"
-        for pattern, seconds in self.timeouts:
-            if fnmatch.fnmatchcase(name, pattern):
-                return seconds
-        return self.default_timeout
+        return _first_match(self.timeouts, f"{path}.{method}", self.default_timeout)
+
+    def max_age_for(self, path: str, method: str) -> float:
+        return _first_match(self.max_ages, f"{path}.{method}", self.max_age)
+
+
+def _first_match(table: tuple[tuple[str, float], ...], name: str, default: float) -> float:
+    for pattern, seconds in table:
+        if fnmatch.fnmatchcase(name, pattern):
+            return seconds
+    return default
 
 
 @dataclass(frozen=True)
@@ -121,12 +138,23 @@ class TerminalConfig:
     #: argv of the login shell; empty means auto (``/bin/ash -l``, the user's shell, ``/bin/sh``).
     shell: tuple[str, ...] = ()
     max_sessions: int = 8
+    #: seconds without input (``x-data`` in) before a session ends, even if it prints
     idle_timeout: float = 3600.0
     batch_bytes: int = 32 * 1024
     batch_delay_ms: float = 3.0
     outbox_bytes: int = 1024 * 1024
     qos: int = 2
     no_subscriber_timeout: float = 60.0
+    #: an ``x-start`` older than this (by its ``timestamp``) opens nothing
+    start_max_age: float = 30.0
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    #: a package download larger than this is refused (and deleted)
+    max_bytes: int = 16 * 1024 * 1024
+    #: how long the update helper waits for the new bridge to connect before rolling back
+    confirm_timeout: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -137,6 +165,7 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     rpc: RpcConfig = RpcConfig()
     terminal: TerminalConfig = TerminalConfig()
+    update: UpdateConfig = UpdateConfig()
     log_level: str = "info"
     #: files that were read, in order; for check-config and the start-up log line
     sources: tuple[str, ...] = ()
@@ -152,6 +181,7 @@ class Config:
         data = asdict(self)
         data["router"]["token"] = mask_secret(self.router.token)
         data["rpc"]["timeouts"] = {pattern: seconds for pattern, seconds in self.rpc.timeouts}
+        data["rpc"]["max_ages"] = {pattern: seconds for pattern, seconds in self.rpc.max_ages}
         data["mqtt"]["broker"] = self.mqtt.broker.url
         return data
 
@@ -241,27 +271,39 @@ def _argv(value: Any) -> tuple[str, ...]:
     raise _Invalid
 
 
+def _absolute_dir(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or "\x00" in value:
+        raise _Invalid
+    return value.rstrip("/") or "/"
+
+
 def _router_id(value: Any) -> str:
     if not isinstance(value, str) or router_id_problem(value) is not None:
         raise _Invalid
     return value
 
 
-def _timeouts(value: Any) -> tuple[tuple[str, float], ...]:
-    if isinstance(value, str):  # "file.exec=120,uci.*=10" from the environment
-        pairs = []
-        for part in value.split(","):
-            if not part.strip():
-                continue
-            pattern, sep, seconds = part.partition("=")
-            if not sep:
-                raise _Invalid
-            pairs.append((pattern.strip(), seconds.strip()))
-        value = dict(pairs)
-    if not isinstance(value, dict):
-        raise _Invalid
-    check = _number(0.1, 3600)
-    return tuple((str(pattern), check(seconds)) for pattern, seconds in value.items())
+def _seconds_table(low: float, high: float) -> Converter:
+    """A table of ``"path.method" glob = seconds``, or ``"file.exec=120,uci.*=10"`` from
+    the environment."""
+    check = _number(low, high)
+
+    def convert(value: Any) -> tuple[tuple[str, float], ...]:
+        if isinstance(value, str):
+            pairs = []
+            for part in value.split(","):
+                if not part.strip():
+                    continue
+                pattern, sep, seconds = part.partition("=")
+                if not sep:
+                    raise _Invalid
+                pairs.append((pattern.strip(), seconds.strip()))
+            value = dict(pairs)
+        if not isinstance(value, dict):
+            raise _Invalid
+        return tuple((str(pattern), check(seconds)) for pattern, seconds in value.items())
+
+    return convert
 
 
 SCHEMA: dict[str, dict[str, _Key]] = {
@@ -272,7 +314,8 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "name": _Key("a string", _string),
     },
     "mqtt": {
-        "broker": _Key("a URL like mqtt://host:1883 (tcp, mqtt, ssl, mqtts, ws, wss)", _string),
+        "broker": _Key(f"a URL like mqtt://host:1883 ({', '.join(s + '://' for s in SCHEMES)})",
+                       _string),
         "keepalive": _Key("an integer from 5 to 3600 (seconds)", _number(5, 3600, True)),
         "protocol": _Key('"3.1.1" or "5"', _choice("3.1.1", "5", "3", "311")),
         "clean_session": _Key("true or false", parse_bool),
@@ -305,8 +348,12 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "queue_size": _Key("an integer from 0 to 10000", _number(0, 10000, True)),
         "default_timeout": _Key("a number from 0.1 to 3600 (seconds)", _number(0.1, 3600)),
         "max_timeout": _Key("a number from 0.1 to 3600 (seconds)", _number(0.1, 3600)),
-        "timeouts": _Key('a table of "path.method" glob = seconds (0.1 to 3600)', _timeouts),
+        "timeouts": _Key('a table of "path.method" glob = seconds (0.1 to 3600)',
+                         _seconds_table(0.1, 3600)),
         "max_age": _Key("a number from 1 to 86400 (seconds)", _number(1, 86400)),
+        "max_ages": _Key('a table of "path.method" glob = seconds (1 to 86400)',
+                         _seconds_table(1, 86400)),
+        "clock_skew": _Key("a number from 0 to 300 (seconds)", _number(0, 300)),
         "output_cap": _Key("an integer from 1024 to 67108864 (bytes)",
                            _number(1024, 64 << 20, True)),
         "allow": _Key('a list of "path.method" glob patterns', _string_list),
@@ -315,6 +362,8 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "log_file": _Key("a path", _string),
         "max_reply_bytes": _Key("an integer from 4096 to 268435455 (bytes; keep it under the "
                                 "broker's maximum packet size)", _number(4096, 268435455, True)),
+        "compat": _Key("true or false", parse_bool),
+        "init_dir": _Key("an absolute path to a directory", _absolute_dir),
     },
     "terminal": {
         "shell": _Key("a command line or a list of strings", _argv),
@@ -325,6 +374,12 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "outbox_bytes": _Key("an integer from 65536 to 67108864", _number(65536, 64 << 20, True)),
         "qos": _Key("0, 1 or 2", _number(0, 2, True)),
         "no_subscriber_timeout": _Key("a number from 1 to 86400 (seconds)", _number(1, 86400)),
+        "start_max_age": _Key("a number from 1 to 86400 (seconds)", _number(1, 86400)),
+    },
+    "update": {
+        "max_bytes": _Key("an integer from 65536 to 268435456 (bytes)",
+                          _number(65536, 256 << 20, True)),
+        "confirm_timeout": _Key("a number from 5 to 3600 (seconds)", _number(5, 3600)),
     },
     "log": {
         "level": _Key('"debug", "info", "warning" or "error"',
@@ -342,6 +397,9 @@ IGNORED_ENV_NAMES = {
 }
 #: Variables that steer loading itself, not config keys.
 LOADER_ENV_NAMES = {"SPOTFI_CONFIG", "SPOTFI_ENV_FILE"}
+#: SPOTFI_* variables of other programs (spotfi-bridge-ctl, the package's launcher and update
+#: helper, bench) and the tests' own hooks (SPOTFI_TEST_*): not settings, never warned about.
+OTHER_PROGRAMS_ENV_PREFIXES = ("SPOTFI_CTL_", "SPOTFI_BRIDGE_", "SPOTFI_TEST_")
 
 
 def env_name(section: str, key: str) -> str:
@@ -393,8 +451,18 @@ def parse_env_file(path: str, text: str) -> tuple[dict[str, str], list[str]]:
     return values, problems
 
 
+def _unknown_env_warning(name: str) -> str:
+    """The warning for a SPOTFI_* name that is no setting, with the likely intended one."""
+    known = {env_name(section, key) for section, keys in SCHEMA.items() for key in keys}
+    known |= LOADER_ENV_NAMES | set(LEGACY_ENV_NAMES)
+    suffixes = {candidate[len("SPOTFI_"):]: candidate for candidate in known}
+    close = difflib.get_close_matches(name[len("SPOTFI_"):].upper(), suffixes, n=1, cutoff=0.75)
+    hint = f"; did you mean {suffixes[close[0]]}?" if close else ""
+    return f"unknown setting, ignored{hint}"
+
+
 def _collect_env(values: Mapping[str, str], where: Callable[[str], str], raw: _Raw,
-                 warnings: list[str], warn_unknown: bool) -> None:
+                 warnings: list[str]) -> None:
     for name, value in values.items():
         if name in IGNORED_ENV_NAMES:
             warnings.append(f"{where(name)}: {IGNORED_ENV_NAMES[name]}")
@@ -403,8 +471,8 @@ def _collect_env(values: Mapping[str, str], where: Callable[[str], str], raw: _R
             continue
         target = _env_key(name)
         if target is None:
-            if warn_unknown and name.startswith("SPOTFI_"):
-                warnings.append(f"{where(name)}: unknown setting, ignored")
+            if name.startswith("SPOTFI_") and not name.startswith(OTHER_PROGRAMS_ENV_PREFIXES):
+                warnings.append(f"{where(name)}: {_unknown_env_warning(name)}")
             continue
         raw[target] = (value, where(name))
 
@@ -451,6 +519,55 @@ def _file_mode_warning(path: str, secret_inside: bool) -> Optional[str]:
     return None
 
 
+def _no_password() -> bytes:
+    """An encrypted key is refused at once instead of OpenSSL asking for a pass phrase."""
+    return b""
+
+
+def check_tls_files(tls: TlsConfig, where: Callable[[str], str]) -> None:
+    """Load the CA file, the client certificate and its key as the link will, so a file that
+    is not what it should be is a config error now rather than a link that dies later.
+
+    ``where(key)`` names the file or variable that set ``[tls] key``."""
+    if not (tls.ca_file or tls.cert_file):
+        return
+    import ssl  # only routers with TLS files pay for it here
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if tls.ca_file:
+        try:
+            context.load_verify_locations(cafile=tls.ca_file)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ConfigError(f"{where('ca_file')}: [tls] ca_file = {tls.ca_file!r} is invalid: "
+                              f"expected a file of PEM certificates (-----BEGIN CERTIFICATE-----)"
+                              f"; {_ssl_reason(exc)}") from None
+    if not tls.cert_file:
+        return
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=tls.cert_file)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError(f"{where('cert_file')}: [tls] cert_file = {tls.cert_file!r} is "
+                          f"invalid: expected a PEM client certificate "
+                          f"(-----BEGIN CERTIFICATE-----); {_ssl_reason(exc)}") from None
+    try:
+        context.load_cert_chain(tls.cert_file, tls.key_file or None, password=_no_password)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        key, path = ("key_file", tls.key_file) if tls.key_file else ("cert_file", tls.cert_file)
+        if "KEY_VALUES_MISMATCH" in str(exc):
+            expected = f"the private key of the certificate in {tls.cert_file}"
+            problem = "does not match cert_file"
+        else:
+            expected = "an unencrypted PEM private key (-----BEGIN PRIVATE KEY-----)"
+            problem = "is invalid"
+        raise ConfigError(f"{where(key)}: [tls] {key} = {path!r} {problem}: expected "
+                          f"{expected}; {_ssl_reason(exc)}") from None
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+    return f"OpenSSL says: {reason}"
+
+
 def parse_broker_url(url: str) -> BrokerAddress:
     """Raises ``_Invalid`` (turned into a ConfigError by the caller) on a bad URL."""
     text = url.strip()
@@ -479,11 +596,16 @@ def load_config(
 ) -> Config:
     """Build the effective configuration. Raises :class:`ConfigError`."""
     environ = os.environ if environ is None else environ
-    env_file = env_file or environ.get("SPOTFI_ENV_FILE") or DEFAULT_ENV_FILE
+    explicit_env_file = env_file or environ.get("SPOTFI_ENV_FILE")
+    env_file = explicit_env_file or DEFAULT_ENV_FILE
     raw: _Raw = {}
     warnings: list[str] = []
     sources: list[str] = []
 
+    if explicit_env_file and not os.path.exists(explicit_env_file):
+        # the default file may be absent (a router set up by hand); one named on purpose not
+        raise ConfigError(f"{explicit_env_file}: env file not found (named by SPOTFI_ENV_FILE; "
+                          f"{os.devnull} for none)")
     if os.path.exists(env_file):
         try:
             with open(env_file, encoding="utf-8", errors="replace") as handle:
@@ -492,8 +614,9 @@ def load_config(
             raise ConfigError(f"{env_file}: cannot read: {exc.strerror}") from None
         values, problems = parse_env_file(env_file, text)
         warnings.extend(problems)
-        _collect_env(values, lambda name: f"{env_file}: {name}", raw, warnings, True)
-        sources.append(env_file)
+        _collect_env(values, lambda name: f"{env_file}: {name}", raw, warnings)
+        if env_file != os.devnull:
+            sources.append(env_file)
         problem = _file_mode_warning(env_file, "SPOTFI_TOKEN" in values)
         if problem:
             warnings.append(problem)
@@ -512,8 +635,8 @@ def load_config(
             warnings.append(problem)
 
     _collect_env({k: v for k, v in environ.items() if k.startswith("SPOTFI_")},
-                 lambda name: f"environment variable {name}", raw, warnings, False)
-    return _build(raw, tuple(sources), tuple(warnings))
+                 lambda name: f"environment variable {name}", raw, warnings)
+    return _build(raw, tuple(sources), tuple(warnings), (toml_path, env_file))
 
 
 def _value(raw: _Raw, section: str, key: str) -> Any:
@@ -539,14 +662,31 @@ def _section(raw: _Raw, section: str) -> dict[str, Any]:
     return values
 
 
+#: The keys without which the bridge cannot connect.
+REQUIRED_KEYS = (("router", "id"), ("router", "token"), ("mqtt", "broker"))
+
+
+def _check_required(raw: _Raw, files: tuple[str, str]) -> None:
+    """One error naming every required key that is missing, and the files it reads."""
+    missing = [(section, key) for section, key in REQUIRED_KEYS
+               if (section, key) not in raw or raw[(section, key)][0] in ("", None)]
+    if not missing:
+        return
+    toml_path, env_file = files
+    names = ", ".join(env_name(section, key) for section, key in missing)
+    places = [path for path in (toml_path, env_file) if path != os.devnull]
+    if env_file in places:
+        places[-1] += f" ({names})"
+    places.append(f"the environment ({names})")
+    where = ", ".join(places[:-1]) + (" or " if len(places) > 1 else "") + places[-1]
+    raise ConfigError("; ".join(f"[{section}] {key} is not set: expected "
+                                f"{SCHEMA[section][key].expected}" for section, key in missing)
+                      + f"; set {'it' if len(missing) == 1 else 'them'} in {where}")
+
+
 def _required(raw: _Raw, section: str, key: str) -> Any:
-    value = _value(raw, section, key)
-    if value is None or value == "":
-        raise ConfigError(
-            f"[{section}] {key} is not set: expected {SCHEMA[section][key].expected}; set it "
-            f"in {DEFAULT_TOML_PATH}, {DEFAULT_ENV_FILE} ({env_name(section, key)}) or the "
-            f"environment ({env_name(section, key)})")
-    return value
+    """A required key's value; :func:`_check_required` has made sure it is set."""
+    return _value(raw, section, key)
 
 
 def _where(raw: _Raw, section: str, *keys: str) -> str:
@@ -558,7 +698,9 @@ def _where(raw: _Raw, section: str, *keys: str) -> str:
     return "defaults"
 
 
-def _build(raw: _Raw, sources: tuple[str, ...], warnings: tuple[str, ...]) -> Config:
+def _build(raw: _Raw, sources: tuple[str, ...], warnings: tuple[str, ...],
+           files: tuple[str, str] = (DEFAULT_TOML_PATH, DEFAULT_ENV_FILE)) -> Config:
+    _check_required(raw, files)
     router = RouterConfig(
         id=_required(raw, "router", "id"),
         token=_required(raw, "router", "token"),
@@ -588,12 +730,13 @@ def _build(raw: _Raw, sources: tuple[str, ...], warnings: tuple[str, ...]) -> Co
     if bool(tls.cert_file) != bool(tls.key_file) and not tls.cert_file:
         raise ConfigError(f"{raw[('tls', 'key_file')][1]}: [tls] key_file is set without "
                           f"cert_file: expected both or neither")
+    check_tls_files(tls, lambda key: str(raw[("tls", key)][1]))
     rpc_values = _section(raw, "rpc")
-    if "timeouts" in rpc_values:  # the user's patterns first; built-in ones still apply after
-        user = rpc_values["timeouts"]
-        rpc_values["timeouts"] = user + tuple(
-            (pattern, seconds) for pattern, seconds in RpcConfig.timeouts
-            if pattern not in {p for p, _ in user})
+    for key, builtin in (("timeouts", RpcConfig.timeouts), ("max_ages", RpcConfig.max_ages)):
+        if key in rpc_values:  # the user's patterns first; built-in ones still apply after
+            user = rpc_values[key]
+            rpc_values[key] = user + tuple((pattern, seconds) for pattern, seconds in builtin
+                                           if pattern not in {p for p, _ in user})
     rpc = RpcConfig(**rpc_values)
     if rpc.max_timeout < rpc.default_timeout:
         raise ConfigError(f"{_where(raw, 'rpc', 'max_timeout', 'default_timeout')}: [rpc] "
@@ -614,6 +757,7 @@ def _build(raw: _Raw, sources: tuple[str, ...], warnings: tuple[str, ...]) -> Co
         metrics=MetricsConfig(**_section(raw, "metrics")),
         rpc=rpc,
         terminal=TerminalConfig(**_section(raw, "terminal")),
+        update=UpdateConfig(**_section(raw, "update")),
         log_level=log_values.get("level", "info"),
         sources=sources,
         warnings=warnings,

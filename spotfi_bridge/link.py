@@ -19,6 +19,11 @@ it resends what the broker has not acknowledged with the same packet ids, which 
 QoS 2 (terminal output) the broker recognises, so nothing is forwarded twice. A
 reload that must reconnect first lets the broker acknowledge what is in flight, then
 sends DISCONNECT (no Will, so no OFFLINE) before the new client connects.
+
+Inbound: retained messages never reach the handler (a retained command would run at
+every start); each message goes with a :class:`~spotfi_bridge.freshness.Delivery`
+saying whether it came live or from the queue the broker kept during an outage, and
+how long that outage was (monotonic), which the age rule needs.
 """
 
 from __future__ import annotations
@@ -39,12 +44,14 @@ import paho.mqtt.client as paho
 
 from spotfi_bridge import mqtt_compat
 from spotfi_bridge.config import Config
+from spotfi_bridge.freshness import Delivery
 from spotfi_bridge.protocol import STATUS_OFFLINE, STATUS_ONLINE, Topics, topic_problem
 from spotfi_bridge.publish import OnSent
 
 log = logging.getLogger("spotfi_bridge.link")
 
-MessageHandler = Callable[[str, bytes], None]
+#: (topic, payload, how it was delivered); retained messages never reach it.
+MessageHandler = Callable[[str, bytes, Delivery], None]
 
 #: ``(topic, present)``: MQTT 5 only, whether the broker found a subscriber for terminal
 #: output on ``topic``: each acknowledgement saying "no matching subscribers", and the
@@ -75,6 +82,29 @@ BULK_INFLIGHT_MESSAGES = 16
 
 #: A reload that reconnects waits this long for the broker to acknowledge what is in flight.
 RELOAD_DRAIN_TIMEOUT = 5.0
+
+#: Every counter ``bridge info`` shows under ``link``, zeros included: a counter that appears
+#: only once it moved cannot be told apart from one that does not exist.
+COUNTER_NAMES = (
+    "connect_attempts", "connects", "connect_failures", "connect_refused", "auth_refused",
+    "disconnects", "socket_errors", "published", "received", "inbound_redelivered",
+    "inbound_oversized", "inbound_queued", "inbound_retained", "handler_errors",
+    "outbox_refused", "dropped_qos0", "dropped_send_error", "dropped_invalid_topic",
+    "dropped_at_close", "outbox_refused_control", "resent_unacknowledged",
+    "acked_no_subscriber",
+)
+
+
+@dataclass
+class _CatchUp:
+    """The broker is handing over what it queued for us while we were away: everything it
+    sends after a CONNACK with the session present and before it acknowledges our
+    re-subscription (it sends the queue first; a broker's in-flight window can hold part
+    of a large queue back past that point, see freshness.py)."""
+
+    outage: Optional[float]  # seconds away (monotonic); None: this process never was connected
+    subscribe_mids: set[int]
+    messages: int = 0
 
 
 @dataclass
@@ -141,6 +171,13 @@ class MqttLink:
         self._connected_since = 0.0
         self._attempt = 0
         self._down_since: Optional[float] = None  # when the current outage began
+        # inbound: when the broker last sent us anything before the link went down, and
+        # the queue it hands over after a reconnect
+        self._lost_at: Optional[float] = None
+        self._last_heard: Optional[float] = None  # monotonic: the broker's last packet
+        self._catch_up: Optional[_CatchUp] = None
+        self._last_outage: Optional[float] = None
+        self._retained_logged: set[tuple[str, int]] = set()
         self._refused_streak = False
         self._failure_streak = 0
         self._last_error = ""
@@ -163,7 +200,7 @@ class MqttLink:
         # the next attempt goes out at once: a stable connection just ended, or the
         # settings changed; every other failure backs off first
         self._reconnect_now = False
-        self.stats: dict[str, int] = collections.defaultdict(int)
+        self.stats: dict[str, int] = collections.defaultdict(int, dict.fromkeys(COUNTER_NAMES, 0))
 
     # ------------------------------------------------------------------ public
 
@@ -185,6 +222,8 @@ class MqttLink:
                     bulk_inflight_bytes=self._bulk_inflight_bytes)
         if self._connected:
             data["connected_for"] = round(time.monotonic() - self._connected_since, 1)
+        if self._last_outage is not None:
+            data["last_outage"] = round(self._last_outage, 1)
         return data
 
     @property
@@ -420,6 +459,7 @@ class MqttLink:
                                    on_disconnect=self._on_disconnect,
                                    on_message=None, on_publish=self._on_publish)
         client.on_message = self._on_paho_message  # it needs the DUP flag and the packet id
+        client.on_subscribe = self._on_paho_subscribe  # (client, userdata, mid, ...) in every paho
         if cfg.mqtt.protocol == "5":
             mqtt_compat.watch_publish_acks(client, self._on_publish_ack)
         client.on_socket_open = self._on_socket_open
@@ -453,6 +493,7 @@ class MqttLink:
                     pass
         if was_connected:
             self.stats["disconnects"] += 1
+            self._mark_lost()
         self._fail_unreliable()
 
     # ------------------------------------------------------------------ connecting
@@ -570,8 +611,9 @@ class MqttLink:
         self._early_acks.clear()
         # SUBSCRIBE before ONLINE: the broker handles them in order, so whoever reacts to
         # ONLINE with a request finds the subscriptions already in force
-        for topic, qos in self._subscriptions:
-            client.subscribe(topic, qos)
+        mids = {mqtt_compat.subscribe_mid(client.subscribe(topic, qos))
+                for topic, qos in self._subscriptions}
+        self._start_catch_up(result.session_present, mids)
         self._control.messages += 1
         self._control.bytes += len(STATUS_ONLINE)
         self._send(_Outgoing(self._topics.status, STATUS_ONLINE, 1, True, None))
@@ -600,6 +642,7 @@ class MqttLink:
         self._cancel_timers()
         if was_connected:
             self.stats["disconnects"] += 1
+            self._mark_lost()
             lasted = time.monotonic() - self._connected_since
             if lasted >= self._config.mqtt.stable_after:
                 self._attempt = 0
@@ -652,7 +695,7 @@ class MqttLink:
             self._bulk_inflight_bytes += len(entry.payload)
             self._bulk_inflight += 1
         try:
-            info = client.publish(entry.topic, entry.payload, qos=entry.qos, retain=entry.retain)
+            info = self._queue_in_paho(client, entry)
         except (ValueError, TypeError, UnicodeError) as exc:  # paho refuses before queueing
             self.stats["dropped_send_error"] += 1
             log.warning("publish to %r refused by paho: %s", entry.topic[:200], exc)
@@ -675,6 +718,16 @@ class MqttLink:
         if not self._in_paho:
             # write now rather than one loop turn later: a keystroke echo is latency-bound
             self._flush(client)
+
+    def _queue_in_paho(self, client: paho.Client, entry: _Outgoing) -> Any:
+        """``client.publish``, whose bytes :meth:`_send` (or the paho step we are in) then
+        writes inline: meanwhile paho's register-write hook must not add a writer, which
+        would cost two ``epoll_ctl`` calls per message."""
+        outer, self._in_paho = self._in_paho, True
+        try:
+            return client.publish(entry.topic, entry.payload, qos=entry.qos, retain=entry.retain)
+        finally:
+            self._in_paho = outer
 
     def _on_publish(self, mid: int) -> None:
         entry = self._inflight.pop(mid, None)
@@ -723,6 +776,39 @@ class MqttLink:
 
     # ------------------------------------------------------------------ receiving
 
+    def _mark_lost(self) -> None:
+        """The connection ended: the outage began when the broker last sent us anything
+        (a black hole or a stopped process is noticed only later)."""
+        self._catch_up = None
+        if self._lost_at is not None:
+            return  # a connection that flapped: the outage goes on from the first loss
+        now = time.monotonic()
+        heard = self._last_heard
+        self._lost_at = now if heard is None else min(now, heard)
+
+    def _start_catch_up(self, session_present: bool, subscribe_mids: set[int]) -> None:
+        now = time.monotonic()
+        outage = None if self._lost_at is None else now - self._lost_at
+        self._lost_at = None
+        self._last_outage = outage
+        if session_present:
+            self._catch_up = _CatchUp(outage, subscribe_mids)
+        else:  # a new session: the broker kept nothing for us
+            self._catch_up = None
+
+    def _on_paho_subscribe(self, _client: Any, _userdata: Any, mid: int, *_rest: Any) -> None:
+        catch_up = self._catch_up
+        if catch_up is None:
+            return
+        catch_up.subscribe_mids.discard(mid)
+        if catch_up.subscribe_mids:
+            return
+        self._catch_up = None
+        if catch_up.messages:
+            away = "an unknown time" if catch_up.outage is None else f"{catch_up.outage:.1f} s"
+            log.info("received %d messages the broker queued while the link was away (%s)",
+                     catch_up.messages, away)
+
     def _on_paho_message(self, _client: Any, _userdata: Any, message: Any) -> None:
         self._on_message(message.topic, message.payload, message.qos, bool(message.retain),
                          bool(message.dup), int(message.mid))
@@ -748,6 +834,9 @@ class MqttLink:
     def _on_message(self, topic: str, payload: bytes, qos: int, retain: bool,
                     dup: bool = False, mid: int = 0) -> None:
         self.stats["received"] += 1
+        if retain:
+            self._ignore_retained(topic, payload)
+            return
         if qos > 0 and self._redelivered(payload, dup, mid):
             self.stats["inbound_redelivered"] += 1
             log.info("ignored the broker's resend of a message already handled on %s "
@@ -759,11 +848,33 @@ class MqttLink:
             log.warning("rejected a %d-byte message on %s: over max_inbound_bytes (%d)",
                         len(payload), topic, limit)
             return
+        catch_up = self._catch_up
+        if catch_up is not None:
+            catch_up.messages += 1
+            self.stats["inbound_queued"] += 1
+            delivery = Delivery(queued=True, outage=catch_up.outage)
+        else:
+            delivery = Delivery()
         try:
-            self._on_message_handler(topic, payload)
+            self._on_message_handler(topic, payload, delivery)
         except Exception:
             self.stats["handler_errors"] += 1
             log.exception("handler failed for a message on %s", topic)
+
+    def _ignore_retained(self, topic: str, payload: bytes) -> None:
+        """A command must never be retained: the broker would hand it over at every
+        (re)subscription, and a retained reboot is a boot loop. A message forwarded live
+        carries retain=0 (MQTT 3.1.1; MQTT 5 without retain-as-published), so retain=1
+        means the broker's stored copy."""
+        self.stats["inbound_retained"] += 1
+        key = (topic, zlib.crc32(payload))
+        if key in self._retained_logged:
+            return
+        if len(self._retained_logged) < RECENT_INBOUND:
+            self._retained_logged.add(key)
+        log.warning("ignored a retained message on %s (%d bytes): commands are never taken "
+                    "from retained messages; clear it with an empty retained publish",
+                    topic, len(payload))
 
     # ------------------------------------------------------------------ socket on the loop
 
@@ -882,14 +993,24 @@ class MqttLink:
         client = self._client
         if client is None or self._connecting:
             return
-        if not self._paho(lambda: client.loop_read(max_packets=256), client):
+        if not self._read(client):
             return
         sock = client.socket()
         # TLS may hold decrypted bytes that the socket no longer signals
         while sock is not None and _pending(sock) and self._is_current(client):
-            if not self._paho(lambda: client.loop_read(max_packets=256), client):
+            if not self._read(client):
                 return
             sock = client.socket()
+
+    def _read(self, client: paho.Client) -> bool:
+        """One paho read step; notes when a packet from the broker last came in (paho's own
+        ``_last_msg_in`` also moves when it sends a PINGREQ, so it alone cannot say)."""
+        before = _last_msg_in(client)
+        ok = self._paho(lambda: client.loop_read(max_packets=256), client)
+        after = _last_msg_in(client)
+        if after is not None and after != before:
+            self._last_heard = after
+        return ok
 
     def _on_writable(self) -> None:
         client = self._client
@@ -961,6 +1082,13 @@ def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
     try:
         return asyncio.get_running_loop()
     except RuntimeError:
+        return None
+
+
+def _last_msg_in(client: paho.Client) -> Optional[float]:
+    try:
+        return float(client._last_msg_in)  # type: ignore[attr-defined]
+    except (AttributeError, TypeError, ValueError):
         return None
 
 

@@ -1,4 +1,10 @@
-"""Logging to stderr, one line per event (procd forwards it to logd), secrets redacted."""
+"""Logging to stderr, one line per event, secrets redacted.
+
+Under procd, stderr goes to logd, which stamps every line itself (``logread`` shows the
+time): the init script passes ``--logd`` and the lines carry no time of their own.
+Anywhere else (by hand, the dry run, a test) nothing else would stamp them, so they
+start with the local time, to the millisecond.
+"""
 
 from __future__ import annotations
 
@@ -42,10 +48,21 @@ class RedactSecrets(logging.Filter):
 
 _filter = RedactSecrets()
 
+PLAIN_FORMAT = "%(levelname)s %(name)s: %(message)s"
+STAMPED_FORMAT = "%(asctime)s.%(msecs)03d " + PLAIN_FORMAT
+STAMP_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+_timestamps = True
+
 
 def setup_logging(level: str = "info", secrets: Iterable[str] = (),
-                  stream: Optional[object] = None) -> None:
-    """Idempotent: a SIGHUP reload calls it again with the new level and token."""
+                  stream: Optional[object] = None, timestamps: Optional[bool] = None) -> None:
+    """Idempotent: a SIGHUP reload calls it again with the new level and token.
+
+    ``timestamps``: False when something downstream stamps the lines (logd); ``None``
+    keeps the previous choice (a reload does not know how the daemon was started)."""
+    global _timestamps
+    if timestamps is not None:
+        _timestamps = timestamps
     _filter.set_secrets(secrets)
     root = logging.getLogger()
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
@@ -54,6 +71,7 @@ def setup_logging(level: str = "info", secrets: Iterable[str] = (),
             root.removeHandler(handler)
     handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
     handler._spotfi = True  # type: ignore[attr-defined]
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(STAMPED_FORMAT, STAMP_DATE_FORMAT) if _timestamps
+                         else logging.Formatter(PLAIN_FORMAT))
     handler.addFilter(_filter)
     root.addHandler(handler)

@@ -7,14 +7,49 @@ callbacks installed by :func:`bind_callbacks`.
 
 from __future__ import annotations
 
+import importlib.util
 import socket
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 if TYPE_CHECKING:
     import ssl
 
-import paho.mqtt.client as paho
+
+def _defer_import(name: str) -> None:
+    """Register ``name`` as a module that is executed only when a name it defines is first
+    looked up (PEP 562's module ``__getattr__``), unless it is already loaded: nothing
+    changes for whoever uses it.
+
+    paho (1.6.1 and 2.x) imports ``urllib.request`` (with http.client, email and tempfile:
+    1.8 MiB on a 32-bit router) only to read proxy settings from the environment, which it
+    does only when PySocks is installed (and then in the one connect thread). The stdlib's
+    ``LazyLoader`` would not do: from Python 3.12 on, the import statement itself reads the
+    module's ``__spec__``, which makes a ``LazyLoader`` module load at once.
+    """
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:
+        return
+    loader = spec.loader
+    module = importlib.util.module_from_spec(spec)
+
+    def load(attribute: str) -> Any:
+        del module.__dict__["__getattr__"]
+        loader.exec_module(module)
+        return getattr(module, attribute)
+
+    module.__dict__["__getattr__"] = load
+    sys.modules[name] = module
+    parent, _, child = name.rpartition(".")
+    setattr(sys.modules[parent], child, module)
+
+
+_defer_import("urllib.request")
+
+import paho.mqtt.client as paho  # noqa: E402
 
 PAHO_2 = hasattr(paho, "CallbackAPIVersion")
 PAHO_VERSION: str = getattr(paho, "__version__", "") or __import__("paho.mqtt").mqtt.__version__
@@ -229,6 +264,11 @@ def publish_rc(info: Any) -> int:
 
 def message_mid(info: Any) -> int:
     return int(info.mid)
+
+
+def subscribe_mid(result: Any) -> int:
+    """The packet id of ``client.subscribe()``'s ``(rc, mid)``."""
+    return int(result[1])
 
 
 def sock_of(client: paho.Client) -> Optional[Any]:

@@ -1,4 +1,4 @@
-"""The SpotFi wire contract (``shared/PROTOCOL.md``), pure: no I/O, no clock, no state.
+"""The SpotFi wire contract (``docs/PROTOCOL.md``), pure: no I/O, no clock, no state.
 
 Inbound payloads are parsed into small typed messages or a :class:`ParseError`
 that still carries whatever id could be read, so callers can answer the sender.
@@ -167,6 +167,59 @@ class ParseError:
     id: Any = None
 
 
+# --------------------------------------------------------------------------- send times
+
+_ISO_8601 = re.compile(
+    r"^(\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(?::\d{2})?)(?:[.,](\d+))?(Z|[+-]\d{2}(?::?\d{2})?)?$",
+    re.IGNORECASE)
+#: The API's request ids: ``cmd_<epoch ms>_<instance prefix>_<n>`` (``Date.now()``); ids with
+#: 10 digits there are read as epoch seconds (older tools and this page's examples).
+_API_ID_TIME = re.compile(r"^cmd_(\d{13}|\d{10})_")
+
+
+def parse_iso8601(text: str) -> Optional[float]:
+    """POSIX seconds of an ISO 8601 date-time (``Z``, offsets, any fraction; naive is UTC),
+    on every Python from 3.9 (whose ``fromisoformat`` takes neither ``Z`` nor 3 digits)."""
+    match = _ISO_8601.match(text.strip())
+    if not match:
+        return None
+    base, fraction, zone = match.groups()
+    if fraction:
+        base += "." + (fraction + "000000")[:6]
+    if zone and zone.upper() != "Z":
+        digits = zone[1:].replace(":", "")
+        zone = f"{zone[0]}{digits[:2]}:{digits[2:4] or '00'}"
+    else:
+        zone = "+00:00"
+    from datetime import datetime  # 0.46 MB: on the first x-start, not at start-up
+
+    try:
+        return datetime.fromisoformat(base.replace(" ", "T") + zone).timestamp()
+    except (ValueError, OverflowError):
+        return None
+
+
+def id_sent_at(req_id: Any) -> Optional[float]:
+    """When the API sent a request, by the API's clock, read from its id; None for other ids."""
+    if not isinstance(req_id, str):
+        return None
+    match = _API_ID_TIME.match(req_id)
+    if match is None:
+        return None
+    digits = match.group(1)
+    return int(digits) / 1000.0 if len(digits) == 13 else float(digits)
+
+
+def _sent_at(value: Any) -> Optional[float]:
+    """An ``x-start`` ``timestamp``: ISO 8601 (the API today) or epoch milliseconds."""
+    if isinstance(value, str):
+        return parse_iso8601(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+            and value > 0:
+        return float(value) / 1000.0
+    return None
+
+
 # --------------------------------------------------------------------------- RPC
 
 
@@ -261,6 +314,9 @@ class XStart:
     response_topic: Optional[str]
     cols: int = DEFAULT_COLS
     rows: int = DEFAULT_ROWS
+    #: when the API sent it (POSIX seconds, the API's clock); None when it did not say, or
+    #: said it in a form this bridge cannot read (the terminal then opens as before)
+    sent_at: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -326,7 +382,7 @@ def parse_x_message(payload: bytes) -> Union[XMessage, XParseError]:
         size = _window_size(obj, DEFAULT_COLS, DEFAULT_ROWS)
         if isinstance(size, str):
             return XParseError(size, session_id, response_topic)
-        return XStart(session_id, response_topic, size[0], size[1])
+        return XStart(session_id, response_topic, size[0], size[1], _sent_at(obj.get("timestamp")))
     if kind == "x-data":
         data = obj.get("data")
         if not isinstance(data, str):

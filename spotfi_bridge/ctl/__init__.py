@@ -1,6 +1,6 @@
 """``spotfi-bridge-ctl``: the SpotFi API side in a terminal, for developers and operators.
 
-It speaks exactly what the API speaks (``shared/PROTOCOL.md``, built by
+It speaks exactly what the API speaks (``docs/PROTOCOL.md``, built by
 :mod:`spotfi_bridge.protocol`) as its own API instance, so it can poke a real
 router's bridge or the dry run's. Exit statuses: 0 success; 1 the router
 answered with an error or the session ended with one (``ctl shell`` exits with
@@ -44,6 +44,7 @@ examples:
   spotfi-bridge-ctl shell                 (~. at the start of a line quits)
   spotfi-bridge-ctl watch --all
   spotfi-bridge-ctl sessions
+  spotfi-bridge-ctl update https://example.net/spotfi-bridge_0.2.0-1_all.ipk --sha256 HEX
 """
 
 
@@ -112,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     sessions.add_argument("--timeout", type=_seconds, default=15.0, metavar="S",
                           help="give up after S seconds (default 15)")
 
+    update = commands.add_parser(
+        "update", parents=[common], help="install a bridge package on the router",
+        description="Ask the router's bridge to download a package (.ipk or .apk), check its "
+                    "sha256 and install it (rpc bridge update). The reply comes once the "
+                    "package is checked and handed to the installer; the outcome (done, "
+                    "rolled-back) shows in 'rpc bridge info' under \"update\".")
+    update.add_argument("url", metavar="URL", help="http:// or https:// URL of the package")
+    update.add_argument("--sha256", required=True, type=_sha256, metavar="HEX",
+                        help="the package's SHA-256 (sha256sum FILE)")
+    update.add_argument("--timeout", type=_seconds, default=120.0, metavar="S",
+                        help="give up waiting for the reply after S seconds (default 120)")
+
     commands.add_parser("config", parents=[common], help="show the effective settings",
                         description="Print the settings ctl would use (password masked).")
     return parser
@@ -125,6 +138,12 @@ def _seconds(text: str) -> float:
     if not 0 < value <= 86400:
         raise argparse.ArgumentTypeError(f"expected 0 < seconds <= 86400, got {text}")
     return value
+
+
+def _sha256(text: str) -> str:
+    if len(text) != 64 or any(c not in "0123456789abcdefABCDEF" for c in text):
+        raise argparse.ArgumentTypeError(f"expected 64 hexadecimal digits, got {text!r}")
+    return text.lower()
 
 
 def _exit_on_signal(signum: int, _frame: Optional[FrameType]) -> None:
@@ -191,6 +210,11 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         if args.count is not None and args.count < 1:
             raise SettingsError("--count must be at least 1")
         return run_watch(settings, args.count, args.timeout, sys.stdout, sys.stdout.isatty())
+    if args.command == "update":
+        from spotfi_bridge.ctl.rpc import run_rpc
+
+        return run_rpc(settings, "bridge", "update", {"url": args.url, "sha256": args.sha256},
+                       args.timeout, sys.stdout, sys.stderr, sys.stdout.isatty())
     if args.command == "sessions":
         from spotfi_bridge.ctl.rpc import run_sessions
 

@@ -12,6 +12,10 @@ from spotfi_bridge.ctl.client import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, CtlClie
 from spotfi_bridge.ctl.settings import Settings
 
 DEFAULT_TIMEOUT = 30.0
+#: A router that ever connected to the broker left a retained status (ONLINE, or its Last
+#: Will OFFLINE), which the broker sends right after the SUBACK: without one by then, no
+#: reply is coming, and waiting the whole timeout only hides a wrong --router or --broker.
+STATUS_GRACE = 2.0
 
 
 def new_request_id() -> str:
@@ -43,12 +47,21 @@ def call(settings: Settings, path: str, method: str, args: dict[str, Any],
     client.connect(min(timeout, 10.0))
     try:
         client.subscribe([topics.rpc_response])
-        client.subscribe([topics.status], required=False)  # only to explain a timeout
+        # to explain a timeout, and to give up early on a router the broker has never seen;
+        # an ACL that hides the status leaves only the timeout
+        status_hidden = bool(client.subscribe([topics.status], required=False))
+        status_due = time.monotonic() + STATUS_GRACE
         req_id = new_request_id()
         client.publish(topics.rpc_request, protocol.api_rpc_request(req_id, path, method, args))
         status: Optional[str] = None
         while True:
-            event = client.get(deadline - time.monotonic())
+            waiting_for_status = status is None and not status_hidden and status_due < deadline
+            event = client.get((status_due if waiting_for_status else deadline) - time.monotonic())
+            if event is None and waiting_for_status:
+                raise CtlError(f"router {router} has never announced itself on "
+                               f"{settings.public_broker} (no retained status after "
+                               f"{STATUS_GRACE:g} s): no reply to {path}.{method} will come; "
+                               "check --router and --broker", EXIT_TIMEOUT)
             if event is None:
                 raise CtlError(_timeout_message(settings, router, timeout, status), EXIT_TIMEOUT)
             if not isinstance(event, Message):
@@ -76,6 +89,11 @@ def is_error(reply: dict[str, Any]) -> bool:
     return reply.get("status") == "error" or reply.get("type") == "error"
 
 
+def error_text(reply: dict[str, Any]) -> str:
+    """The message the API would show for an error reply."""
+    return str(reply.get("error") or reply.get("message") or "unknown error")
+
+
 def dump_json(value: Any, pretty: bool) -> str:
     if pretty:
         return json.dumps(value, indent=2, ensure_ascii=False)
@@ -87,10 +105,9 @@ def run_rpc(settings: Settings, path: str, method: str, args: dict[str, Any], ti
     reply = call(settings, path, method, args, timeout)
     result = reply.get("result")
     if is_error(reply):
-        message = reply.get("error") or reply.get("message") or "unknown error"
         if result:
             print(dump_json(result, pretty), file=out)
-        print(f"error: {message}", file=err)
+        print(f"error: {path}.{method}: {error_text(reply)}", file=err)
         stderr = reply.get("stderr")
         if isinstance(stderr, str) and stderr:
             err.write(stderr if stderr.endswith("\n") else stderr + "\n")
@@ -148,7 +165,7 @@ def run_sessions(settings: Settings, timeout: float, out: IO[str], err: IO[str],
                  table: bool) -> int:
     reply = call(settings, "bridge", "sessions", {}, timeout)
     if is_error(reply):
-        print(f"error: {reply.get('error') or reply.get('message') or 'unknown error'}", file=err)
+        print(f"error: bridge.sessions: {error_text(reply)}", file=err)
         return EXIT_FAILED
     result = reply.get("result")
     sessions = result.get("sessions") if isinstance(result, dict) else None

@@ -41,6 +41,9 @@ from spotfi_bridge.ctl.stream import ESCAPE_HELP, HELP, QUIT, EscapeParser, SeqR
 
 START_TIMEOUT = 10.0
 STOP_FLUSH_TIMEOUT = 2.0
+#: Seconds after x-start without any output before the user is told what is going on: a
+#: blank screen is indistinguishable from a hung ctl, a slow router or a slow shell profile.
+QUIET_NOTICE_AFTER = 3.0
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGQUIT)
 
 
@@ -142,6 +145,8 @@ class ShellSession:
         self.client = CtlClient(settings, wake=self._wake)
         self._backlog: list[Message] = []
         self._last_status = ""
+        #: when to say that nothing came yet; None once output came or the notice was given
+        self._quiet_due: Optional[float] = None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -163,8 +168,30 @@ class ShellSession:
         _write_all(self.stdout_fd, data)
 
     def _notice(self, text: str) -> None:
-        """A ctl line in the middle of the remote output (raw mode: CR LF by hand)."""
-        self._out(f"\r\n[ctl: {text}]\r\n".encode())
+        """A ctl line in the middle of the remote output (raw mode: CR LF by hand); on stderr
+        when stdin is not a terminal, so piped output stays the remote output alone."""
+        if self.interactive:
+            self._out(f"\r\n[ctl: {text}]\r\n".encode())
+        else:
+            self.err.write(f"[ctl: {text}]\n")
+            self.err.flush()
+
+    def _quiet_notice(self) -> None:
+        """Called when QUIET_NOTICE_AFTER passed with no output at all: say why it may be."""
+        self._quiet_due = None
+        if self._last_status and self._last_status != "ONLINE":
+            state = f"router {self.router} is {self._last_status}"
+        elif not self._last_status:
+            state = f"router {self.router} has never announced itself on this broker"
+        else:
+            state = "the router is ONLINE; its shell may be slow to start"
+        self._notice(f"no output after {QUIET_NOTICE_AFTER:g} s ({state}); still waiting, "
+                     "~. quits")
+
+    def _next_wait(self, deadline: Optional[float]) -> Optional[float]:
+        """Seconds until ``deadline`` or the quiet notice, whichever is first (None: no limit)."""
+        moments = [m for m in (deadline, self._quiet_due) if m is not None]
+        return max(0.0, min(moments) - time.monotonic()) if moments else None
 
     def _send(self, payload: bytes) -> int:
         return self.client.publish(self.topics.x_in, payload)
@@ -176,6 +203,9 @@ class ShellSession:
         previous_winch = signal.signal(signal.SIGWINCH, self._on_winch) if self.interactive else None
         ending: Optional[Ending] = None
         started = False
+        self.err.write(f"spotfi-bridge-ctl: shell on router {self.router} via "
+                       f"{self.settings.public_broker}; ~. quits, ~? for help\n")
+        self.err.flush()
         try:
             try:
                 self.client.connect()
@@ -188,6 +218,7 @@ class ShellSession:
                 self._send(protocol.api_x_start(self.session_id, self.client.out_topic,
                                                 timestamp=_iso_now(), cols=cols, rows=rows))
                 started = True
+                self._quiet_due = time.monotonic() + QUIET_NOTICE_AFTER
                 ending = self._wait_started()
                 if ending is None:
                     if self.interactive:
@@ -226,7 +257,10 @@ class ShellSession:
     def _wait_started(self) -> Optional[Ending]:
         deadline = time.monotonic() + self.start_timeout
         while True:
-            event = self.client.get(deadline - time.monotonic())
+            event = self.client.get(self._next_wait(deadline))
+            if event is None and self._quiet_due is not None and time.monotonic() < deadline:
+                self._quiet_notice()
+                continue
             if event is None:
                 status = (f"its last status is {self._last_status!r}" if self._last_status
                           else "it has never announced itself on this broker")
@@ -256,9 +290,10 @@ class ShellSession:
                 if ending:
                     return ending
             while True:
-                deadline = self.reorder.deadline()
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                ready = {key.data for key, _ in selector.select(timeout)}
+                ready = {key.data for key, _ in selector.select(
+                    self._next_wait(self.reorder.deadline()))}
+                if self._quiet_due is not None and time.monotonic() >= self._quiet_due:
+                    self._quiet_notice()
                 if "wake" in ready:
                     try:
                         while os.read(self._wake_r, 4096):
@@ -351,6 +386,7 @@ class ShellSession:
             except (binascii.Error, ValueError):
                 self._notice("ignored an output message that is not valid base64")
                 return None
+            self._quiet_due = None
             seq = body.get("seq")
             seq = seq if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0 else None
             self._write_chunks(self.reorder.push(seq, raw, time.monotonic()), 0)

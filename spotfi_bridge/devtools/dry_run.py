@@ -208,7 +208,7 @@ class DryRun:
         env.update({
             "SPOTFI_CONFIG": str(config),
             # never read the host's /etc/spotfi.env (it may belong to a real router)
-            "SPOTFI_ENV_FILE": str(self.dir / "absent.env"),
+            "SPOTFI_ENV_FILE": os.devnull,  # not this machine's /etc/spotfi.env
             "PYTHONPATH": os.pathsep.join(pythonpath),
             "PYTHONUNBUFFERED": "1",
         })

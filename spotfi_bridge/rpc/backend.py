@@ -7,8 +7,8 @@ router runs real ubus or the dry-run emulation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol
 
 from spotfi_bridge.config import RpcConfig
 
@@ -27,21 +27,37 @@ UBUS_NO_MEMORY = 11
 UBUS_PARSE_ERROR = 12
 UBUS_SYSTEM_ERROR = 13
 
+#: The CLI's ``return -1``: ubusd unreachable, or the JSON message did not parse. With
+#: ``-S`` it prints nothing, so these words are the only explanation the caller gets.
+UBUS_CLI_FAILED = 255
+#: The CLI's ``return -2``: a command line it does not understand (it prints its usage).
+UBUS_CLI_USAGE = 254
+
+#: libubus's ``ubus_strerror`` words, which the CLI prints without ``-S``.
 UBUS_STATUS_TEXT: dict[int, str] = {
     UBUS_INVALID_COMMAND: "Invalid command",
     UBUS_INVALID_ARGUMENT: "Invalid argument",
     UBUS_METHOD_NOT_FOUND: "Method not found",
     UBUS_NOT_FOUND: "Not found",
-    UBUS_NO_DATA: "No data",
+    UBUS_NO_DATA: "No response",
     UBUS_PERMISSION_DENIED: "Permission denied",
-    UBUS_TIMEOUT: "Timeout",
-    UBUS_NOT_SUPPORTED: "Not supported",
+    UBUS_TIMEOUT: "Request timed out",
+    UBUS_NOT_SUPPORTED: "Operation not supported",
     UBUS_UNKNOWN_ERROR: "Unknown error",
     UBUS_CONNECTION_FAILED: "Connection failed",
     UBUS_NO_MEMORY: "Out of memory",
-    UBUS_PARSE_ERROR: "Parse error",
+    UBUS_PARSE_ERROR: "Parsing message data failed",
     UBUS_SYSTEM_ERROR: "System error",
+    UBUS_CLI_FAILED: "Failed to connect to ubus or to parse message data",
+    UBUS_CLI_USAGE: "Invalid ubus command line",
 }
+
+
+def ubus_status_text(status: Optional[int]) -> str:
+    """What an exit status of the ubus CLI means, in ubus's own words."""
+    if status is None:
+        return "ubus ended without an exit status"
+    return UBUS_STATUS_TEXT.get(status) or f"ubus failed with exit status {status}"
 
 
 @dataclass(frozen=True)
@@ -51,6 +67,19 @@ class Call:
     path: str
     method: str
     args: dict[str, Any]
+    timeout: float
+    output_cap: int
+
+
+@dataclass(frozen=True)
+class ServiceAction:
+    """``/etc/init.d/NAME ACTION``: what the compat layer runs for the API's
+    ``service ACTION {"name": NAME}``, which procd's ``service`` object does not have."""
+
+    name: str
+    action: str
+    #: the init script, checked to exist directly under the init directory
+    script: str
     timeout: float
     output_cap: int
 
@@ -66,16 +95,20 @@ class Outcome:
     exit_code: Optional[int] = None
     truncated: bool = False
     timed_out: bool = False
+    #: the signal that killed the child (it then has no exit status)
+    signal: Optional[int] = None
+    #: run once the reply has left the bridge (an action that would stop the bridge itself)
+    after_reply: Optional[Callable[[], None]] = field(default=None, compare=False)
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
 
-def ubus_failure(status: int, stderr: str = "", *, error: Optional[str] = None,
+def ubus_failure(status: Optional[int], stderr: str = "", *, error: Optional[str] = None,
                  truncated: bool = False) -> Outcome:
     """The outcome of a ubus call that ended with ``status``, worded as ubus words it."""
-    text = error or UBUS_STATUS_TEXT.get(status) or f"ubus failed with exit status {status}"
+    text = error or ubus_status_text(status)
     return Outcome(error=text, stderr=stderr, exit_code=status, truncated=truncated)
 
 
@@ -104,6 +137,11 @@ class Backend(Protocol):
     async def call(self, call: Call) -> Outcome:
         """Run one call. Never raises for a failed call (only on cancellation, after the
         call's children are killed and reaped)."""
+        ...
+
+    async def service(self, action: ServiceAction) -> Outcome:
+        """Run (or emulate) an init script action for the compat layer; same rules as
+        :meth:`call`."""
         ...
 
     def reconfigure(self, config: RpcConfig) -> None:

@@ -23,6 +23,19 @@ from spotfi_bridge.aio import child_environment
 EXIT_GRACE = 1.0
 #: After a group kill, how long to wait for the pipes to report EOF.
 KILL_GRACE = 2.0
+#: The kernel's limit on one argument, its NUL included (MAX_ARG_STRLEN, 32 pages):
+#: execve fails with E2BIG past it, whatever the total size.
+MAX_ARG_STRLEN = 131072
+
+
+class ArgumentTooLong(ValueError):
+    """An argument the kernel would refuse (E2BIG): said before any exec, with its size."""
+
+    def __init__(self, index: int, size: int) -> None:
+        super().__init__(f"argument {index} is {size} bytes, over the kernel's limit of "
+                         f"{MAX_ARG_STRLEN - 1} bytes per argument (MAX_ARG_STRLEN)")
+        self.index = index
+        self.size = size
 
 
 @dataclass(frozen=True)
@@ -33,6 +46,9 @@ class ChildResult:
     stderr: bytes
     truncated: bool
     timed_out: bool
+    #: the signal that ended it, when one did (not on our timeout kill); ``returncode`` alone
+    #: cannot tell ``exit 255`` from a death by signal 127
+    signal: Optional[int] = None
 
 
 class _Capture:
@@ -95,14 +111,41 @@ async def _wait(future: asyncio.Future[None], timeout: float) -> bool:
     return bool(done)
 
 
+def spawn_detached(argv: Sequence[str]) -> int:
+    """Start ``argv`` in its own session with no pipe to us and never kill it: it must outlive
+    the bridge (an init script that stops or restarts the bridge itself). Reaped through a
+    pidfd if the bridge outlives it, else by init. Raises ``OSError`` when it cannot start."""
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+                            env=child_environment())
+    loop = asyncio.get_running_loop()
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # no pidfd: subprocess reaps it at a later Popen
+        return proc.pid
+
+    def reap() -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        proc.wait()
+
+    loop.add_reader(pidfd, reap)
+    return proc.pid
+
+
 async def run_child(argv: Sequence[str], *, timeout: float, output_cap: int,
                     env: Optional[Mapping[str, str]] = None) -> ChildResult:
-    """Run ``argv`` (never through a shell). Raises ``OSError`` when it cannot start and
-    ``ValueError`` for an argument that cannot be passed (NUL byte)."""
+    """Run ``argv`` (never through a shell). Raises ``OSError`` when it cannot start,
+    :class:`ArgumentTooLong` for an argument over the kernel's limit and ``ValueError`` for
+    one that cannot be passed (NUL byte)."""
+    for index, arg in enumerate(argv):
+        size = len(os.fsencode(arg))
+        if size >= MAX_ARG_STRLEN:
+            raise ArgumentTooLong(index, size)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     protocol = _ChildProtocol(loop, output_cap)
-    transport, _ = await loop.subprocess_exec(
+    starting = asyncio.ensure_future(loop.subprocess_exec(
         lambda: protocol,
         *argv,
         stdin=subprocess.DEVNULL,
@@ -111,7 +154,19 @@ async def run_child(argv: Sequence[str], *, timeout: float, output_cap: int,
         start_new_session=True,
         close_fds=True,
         env=dict(env) if env is not None else child_environment(),
-    )
+    ))
+    try:
+        transport, _ = await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        # cancelled while asyncio connects the pipes: its own clean-up then kills only the
+        # leader (a grandchild lives on) and, on 3.11, can wait for it forever. Let the start
+        # finish, then end the group as for any cancellation.
+        with contextlib.suppress(Exception):
+            transport, _ = await starting
+            kill_group(transport.get_pid())
+            await asyncio.shield(protocol.exited)
+            transport.close()
+        raise
     pid = transport.get_pid()
     timed_out = False
     try:
@@ -135,6 +190,7 @@ async def run_child(argv: Sequence[str], *, timeout: float, output_cap: int,
                 await asyncio.shield(protocol.exited)
         transport.close()
     code = transport.get_returncode()
-    returncode = None if timed_out else (128 - code if code is not None and code < 0 else code)
+    killed_by = -code if code is not None and code < 0 and not timed_out else None
+    returncode = None if timed_out else (128 + killed_by if killed_by else code)
     return ChildResult(returncode, protocol.out.value(), protocol.err.value(),
-                       protocol.out.truncated or protocol.err.truncated, timed_out)
+                       protocol.out.truncated or protocol.err.truncated, timed_out, killed_by)

@@ -18,19 +18,30 @@ import re
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Optional
 
 from spotfi_bridge.config import RpcConfig
-from spotfi_bridge.protocol import ParseError, RpcRequest, parse_rpc_request, rpc_error, rpc_success
+from spotfi_bridge.freshness import Delivery, Freshness
+from spotfi_bridge.protocol import (
+    ParseError,
+    RpcRequest,
+    id_sent_at,
+    parse_iso8601,
+    parse_rpc_request,
+    rpc_error,
+    rpc_success,
+)
 from spotfi_bridge.publish import Publisher
 from spotfi_bridge.rpc import bridge_ns
 from spotfi_bridge.rpc.backend import Backend, Call, Outcome
+from spotfi_bridge.rpc.compat import CompatBackend
 from spotfi_bridge.rpc.dedup import DedupTable, id_key
 
 logger = logging.getLogger("spotfi_bridge.rpc")
 
 BRIDGE_OBJECT = "bridge"
+#: the one ``bridge`` method that runs as a job (it downloads): the others answer at once
+BRIDGE_UPDATE = "update"
 ERROR_BUSY = "busy"
 ERROR_EXPIRED = "expired"
 ERROR_SHUTDOWN = "cancelled: bridge shutting down"
@@ -43,31 +54,6 @@ COUNTER_NAMES = (
 # An "id" in a payload that is not JSON: answering it beats leaving the API waiting 30 s.
 _SALVAGE_ID = re.compile(
     r'"id"\s*:\s*("(?:[^"\\\x00-\x1f]|\\.){0,1024}"|-?\d{1,30}(?:\.\d{1,30})?(?:[eE][+-]?\d{1,4})?)')
-_ISO_8601 = re.compile(
-    r"^(\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(?::\d{2})?)(?:[.,](\d+))?(Z|[+-]\d{2}(?::?\d{2})?)?$",
-    re.IGNORECASE)
-
-
-def parse_iso8601(text: str) -> Optional[float]:
-    """POSIX seconds of an ISO 8601 date-time (``Z``, offsets, any fraction; naive is UTC),
-    on every Python from 3.9 (whose ``fromisoformat`` takes neither ``Z`` nor 3 digits)."""
-    match = _ISO_8601.match(text.strip())
-    if not match:
-        return None
-    base, fraction, zone = match.groups()
-    if fraction:
-        base += "." + (fraction + "000000")[:6]
-    if zone and zone.upper() != "Z":
-        digits = zone[1:].replace(":", "")
-        zone = f"{zone[0]}{digits[:2]}:{digits[2:4] or '00'}"
-    else:
-        zone = "+00:00"
-    try:
-        return datetime.fromisoformat(base.replace(" ", "T") + zone).timestamp()
-    except (ValueError, OverflowError):
-        return None
-
-
 def salvage_id(payload: bytes) -> Any:
     """The ``id`` of a payload that is not JSON at all, when one can be read."""
     try:
@@ -120,6 +106,8 @@ def outcome_reply(req_id: Any, outcome: Outcome) -> bytes:
         return rpc_success(req_id, outcome.result, **extra)
     if outcome.exit_code is not None:
         extra["exitCode"] = outcome.exit_code
+    if outcome.signal is not None:
+        extra["signal"] = outcome.signal
     return rpc_error(req_id, outcome.error or "error", result=outcome.result,
                      stderr=outcome.stderr or None, **extra)
 
@@ -134,6 +122,7 @@ class _Job:
     key: str
     request: RpcRequest
     call: Call
+    delivery: Delivery
     task: Optional[asyncio.Task[None]] = None
     answered: bool = False
 
@@ -150,6 +139,10 @@ def _no_secrets() -> Iterable[str]:
     return ()
 
 
+#: ``bridge update``: (args, timeout) -> outcome
+Updater = Callable[[Mapping[str, Any], float], Awaitable[Outcome]]
+
+
 class RpcExecutor:
     def __init__(
         self,
@@ -161,17 +154,23 @@ class RpcExecutor:
         sessions: Callable[[], list[dict[str, Any]]] = _no_sessions,
         *,
         secrets: Callable[[], Iterable[str]] = _no_secrets,
+        update: Optional[Updater] = None,
         clock: Callable[[], float] = time.time,
+        freshness: Optional[Freshness] = None,
         dedup_max_entries: int = 4096,
         dedup_max_bytes: int = 2 * 1024 * 1024,
     ) -> None:
         """``secrets`` returns strings (the router token) that must never appear in a
-        ``bridge`` answer; ``clock`` is the wall clock requests' timestamps are read against."""
+        ``bridge`` answer; ``freshness`` judges requests' ages (the daemon shares one with
+        the terminals), else one is made on ``clock``, the router's wall clock."""
         self._config = config
         self._publish = publish
         self._topic = response_topic
-        self._backend = backend
-        self._clock = clock
+        # the one compat hook: the API's calls that real ubus does not answer become ones it
+        # does (or init script actions) on their way to the backend; see rpc/compat.py
+        self._backend = CompatBackend(backend, config)
+        self._update = update
+        self._freshness = freshness or Freshness(config.clock_skew, wall=clock)
         self._started = time.monotonic()
         self._dedup = DedupTable(config.dedup_window, time.monotonic,
                                  max_entries=dedup_max_entries, max_bytes=dedup_max_bytes)
@@ -193,10 +192,10 @@ class RpcExecutor:
 
     # ------------------------------------------------------------------ public
 
-    def handle(self, payload: bytes) -> None:
+    def handle(self, payload: bytes, delivery: Optional[Delivery] = None) -> None:
         """Take one ``rpc/request`` payload. Called on the loop; never raises, never blocks."""
         try:
-            self._handle(payload)
+            self._handle(payload, delivery or Delivery())
         except Exception:
             self._counts["internal"] += 1
             logger.exception("rpc: unexpected failure handling a request (%d bytes)",
@@ -215,6 +214,7 @@ class RpcExecutor:
         """New limits, policy and timeouts apply to requests from now on; running ones keep
         theirs."""
         self._config = config
+        self._freshness.clock_skew = config.clock_skew
         self._dedup.window = config.dedup_window
         self._backend.reconfigure(config)
         self._pump()
@@ -244,7 +244,7 @@ class RpcExecutor:
 
     # ------------------------------------------------------------------ intake
 
-    def _handle(self, payload: bytes) -> None:
+    def _handle(self, payload: bytes, delivery: Delivery) -> None:
         self._counts["requests"] += 1
         parsed = parse_rpc_request(payload)
         if isinstance(parsed, ParseError):
@@ -274,15 +274,20 @@ class RpcExecutor:
         if self._closed:
             self._answer(key, req_id, Outcome(error=ERROR_SHUTDOWN))
             return
+        refusal = self._expiry_refusal(parsed, delivery)
+        if refusal is not None:
+            self._answer(key, req_id, refusal)
+            return
         problem = self._check(parsed)
         if problem is not None:
             self._answer(key, req_id, Outcome(error=problem))
             return
-        if parsed.path == BRIDGE_OBJECT:
+        if parsed.path == BRIDGE_OBJECT and not (parsed.method == BRIDGE_UPDATE and
+                                                 self._update is not None):
             self._answer(key, req_id, self._bridge_answer(parsed))
             return
         job = _Job(key, parsed, Call(parsed.path, parsed.method, parsed.args,
-                                     self._timeout(parsed), self._config.output_cap))
+                                     self._timeout(parsed), self._config.output_cap), delivery)
         if len(self._running) < self._config.max_concurrent:
             self._start(job)
         elif len(self._queue) < self._config.queue_size:
@@ -311,16 +316,16 @@ class RpcExecutor:
         return True
 
     def _check(self, request: RpcRequest) -> Optional[str]:
-        """Why ``request`` must not run (invalid extension field, expired, denied), or None."""
+        """Why ``request`` must not run (invalid extension field, denied), or None."""
         if request.timeout_ms is not None and not math.isfinite(request.timeout_ms):
             self._counts["invalid"] += 1
             return "'timeout' must be a positive number of milliseconds"
-        problem = self._expiry_problem(request)
-        if problem is not None:
-            return problem
         name = f"{request.path}.{request.method}"
         denied = any(fnmatch.fnmatchcase(name, pattern) for pattern in self._config.deny)
-        if not denied and self._config.allow and request.path != BRIDGE_OBJECT:
+        # the bridge's own diagnostics are always allowed; its update (a package installed
+        # as root) only when an allow list names it
+        if not denied and self._config.allow and (request.path != BRIDGE_OBJECT or
+                                                  request.method == BRIDGE_UPDATE):
             denied = not any(fnmatch.fnmatchcase(name, pattern) for pattern in self._config.allow)
         if denied:
             self._counts["denied"] += 1
@@ -328,23 +333,28 @@ class RpcExecutor:
             return f"denied by policy: {name}"
         return None
 
-    def _expiry_problem(self, request: RpcRequest) -> Optional[str]:
-        now = self._clock()
-        for field, text, is_deadline in (("timestamp", request.timestamp, False),
-                                         ("expiresAt", request.expires_at, True)):
+    def _expiry_refusal(self, request: RpcRequest, delivery: Delivery,
+                        first_look: bool = True) -> Optional[Outcome]:
+        """The ``expired`` answer when the caller stopped waiting (or an unreadable stamp)."""
+        stamps: dict[str, float] = {}
+        for field, text in (("timestamp", request.timestamp), ("expiresAt", request.expires_at)):
             if text is None:
                 continue
             moment = parse_iso8601(text)
             if moment is None:
                 self._counts["invalid"] += 1
-                return f"'{field}' is not an ISO 8601 date-time: {text[:64]!r}"
-            late = now > moment if is_deadline else now - moment > self._config.max_age
-            if late:
-                self._counts["expired"] += 1
-                logger.warning("rpc %s: %s.%s expired (%s %s), not run", _show_id(request.id),
-                               request.path, request.method, field, text[:64])
-                return ERROR_EXPIRED
-        return None
+                return Outcome(error=f"'{field}' is not an ISO 8601 date-time: {text[:64]!r}")
+            stamps[field] = moment
+        sent_at = stamps.get("timestamp", id_sent_at(request.id))
+        max_age = self._config.max_age_for(request.path, request.method)
+        late = self._freshness.judge(sent_at, stamps.get("expiresAt"), max_age, delivery,
+                                     first_look=first_look)
+        if late is None:
+            return None
+        self._counts["expired"] += 1
+        logger.warning("rpc %s: %s.%s expired, not run: %s", _show_id(request.id),
+                       request.path, request.method, late.detail)
+        return Outcome(error=ERROR_EXPIRED, result=late.as_result())
 
     def _bridge_answer(self, request: RpcRequest) -> Outcome:
         try:
@@ -371,10 +381,10 @@ class RpcExecutor:
     def _pump(self) -> None:
         while self._queue and len(self._running) < self._config.max_concurrent:
             job = self._queue.popleft()
-            problem = self._expiry_problem(job.request)  # it may have waited a while
-            if problem is not None:
+            refusal = self._expiry_refusal(job.request, job.delivery, first_look=False)
+            if refusal is not None:  # it waited too long in the queue
                 self._active.pop(job.key, None)
-                self._answer(job.key, job.request.id, Outcome(error=problem))
+                self._answer(job.key, job.request.id, refusal)
                 continue
             self._start(job)
         if not self._active:
@@ -384,7 +394,10 @@ class RpcExecutor:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            outcome = await self._backend.call(job.call)
+            if job.call.path == BRIDGE_OBJECT and self._update is not None:
+                outcome = await self._update(job.call.args, job.call.timeout)
+            else:
+                outcome = await self._backend.call(job.call)
         except asyncio.CancelledError:
             self._finish(job, Outcome(error=ERROR_SHUTDOWN))
             raise
@@ -436,24 +449,28 @@ class RpcExecutor:
                               f"{limit}-byte limit; ask for less (fewer lines, a smaller file)",
                               result={"size": len(reply), "limit": limit}, truncated=True)
         self._dedup.remember(key, reply)
-        self._send(reply)
+        self._send(reply, outcome.after_reply)
 
-    def _send(self, reply: bytes) -> None:
+    def _send(self, reply: bytes, after: Optional[Callable[[], None]] = None) -> None:
+        """Publish ``reply``; ``after`` runs once it has left, or at once if it cannot leave
+        (the caller asked for that action: a lost reply must not cancel it)."""
         try:
-            accepted = self._publish(self._topic, reply, qos=1)
+            accepted = self._publish(self._topic, reply, qos=1, on_sent=after)
         except Exception:  # a link bug must not stall the queue behind this reply
             self._counts["internal"] += 1
             logger.exception("rpc: publishing a reply of %d bytes failed", len(reply))
-            return
-        if not accepted:
+            accepted = None
+        if accepted is False:
             self._counts["publish_refused"] += 1
             logger.warning("rpc: reply of %d bytes refused by the link (outbox full), lost",
                            len(reply))
+        if not accepted and after is not None:
+            after()
 
     def _limits(self) -> dict[str, Any]:
         return {"running": len(self._running), "queued": len(self._queue),
                 "max_concurrent": self._config.max_concurrent,
-                "queue_size": self._config.queue_size}
+                "queue_size": self._config.queue_size, "compat": self._backend.describe()}
 
     def _wake_idle(self) -> None:
         waiters, self._idle_waiters = self._idle_waiters, []

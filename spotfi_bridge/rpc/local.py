@@ -27,11 +27,12 @@ from spotfi_bridge.rpc.backend import (
     UBUS_UNKNOWN_ERROR,
     Call,
     Outcome,
+    ServiceAction,
     UbusError,
     timeout_failure,
     ubus_failure,
 )
-from spotfi_bridge.rpc.child import run_child
+from spotfi_bridge.rpc.child import ArgumentTooLong, run_child
 from spotfi_bridge.rpc.ubus import decode_text
 
 Handler = Callable[[Call], Awaitable[Any]]
@@ -61,8 +62,8 @@ def _string(args: dict[str, Any], key: str) -> str:
     return value
 
 
-def _flag(args: dict[str, Any], key: str) -> bool:
-    value = args.get(key, False)
+def _flag(args: dict[str, Any], key: str, default: bool = False) -> bool:
+    value = args.get(key, default)
     if not isinstance(value, bool):
         raise UbusError(UBUS_INVALID_ARGUMENT)
     return value
@@ -151,12 +152,17 @@ class LocalBackend:
                                   "status": self._interface_status},
             "service": {"list": self._service_list},
         }
+        #: emulated init script state (running, enabled), by service name
+        self.services: dict[str, dict[str, bool]] = {}
 
     def reconfigure(self, config: RpcConfig) -> None:
         self.config = config
 
     async def call(self, call: Call) -> Outcome:
         methods = self.objects.get(call.path)
+        if methods is None and call.path.startswith("hostapd.") \
+                and call.path[len("hostapd."):] in sysinfo.wireless_interfaces():
+            methods = {"get_status": self._hostapd_status}
         if methods is None:
             return ubus_failure(UBUS_NOT_FOUND)
         handler = methods.get(call.method)
@@ -204,6 +210,8 @@ class LocalBackend:
         try:
             child = await run_child([executable, *params], timeout=call.timeout,
                                     output_cap=call.output_cap, env=environ)
+        except ArgumentTooLong as exc:
+            raise UbusError(UBUS_INVALID_ARGUMENT, f"file exec: {exc}; not run") from None
         except ValueError:  # NUL in an argument or the environment
             raise UbusError(UBUS_INVALID_ARGUMENT) from None
         stdout, stderr = decode_text(child.stdout), decode_text(child.stderr)
@@ -272,6 +280,8 @@ class LocalBackend:
         lines = call.args.get("lines", 0)
         if isinstance(lines, bool) or not isinstance(lines, int) or lines < 0:
             raise UbusError(UBUS_INVALID_ARGUMENT)
+        if _flag(call.args, "stream", True):
+            return Outcome(result=None, exit_code=0)  # logd streams: the ubus CLI prints nothing
         count = min(lines, MAX_LOG_LINES) if lines else MAX_LOG_LINES
         tail, mtime = _read_tail(self.config.log_file, count, call.output_cap)
         stamp = int(mtime * 1000)
@@ -297,10 +307,30 @@ class LocalBackend:
         name: Optional[str] = call.args.get("name")
         if name is not None and not isinstance(name, str):
             raise UbusError(UBUS_INVALID_ARGUMENT)
+        directory = self.config.init_dir
         try:
-            scripts = sorted(os.listdir("/etc/init.d"))
+            scripts = sorted(os.listdir(directory))
         except OSError:
             scripts = []
         return {script: {} for script in scripts
                 if (name is None or script == name)
-                and os.access(os.path.join("/etc/init.d", script), os.X_OK)}
+                and os.access(os.path.join(directory, script), os.X_OK)}
+
+    async def service(self, action: ServiceAction) -> Outcome:
+        """Init script actions emulated, never run: a dry run must not stop this machine's
+        services. Each one starts running and enabled; actions change that."""
+        state = self.services.setdefault(action.name, {"running": True, "enabled": True})
+        if action.action == "status":
+            return Outcome(result={"name": action.name, **state, "instances": {},
+                                   "emulated": True}, exit_code=0)
+        if action.action in ("start", "restart", "reload", "stop"):
+            state["running"] = action.action != "stop"
+        elif action.action in ("enable", "disable"):
+            state["enabled"] = action.action == "enable"
+        return Outcome(result={"name": action.name, "action": action.action, "code": 0,
+                               "stdout": "", "stderr": "", "emulated": True}, exit_code=0)
+
+    # ------------------------------------------------------------------ wireless
+
+    async def _hostapd_status(self, call: Call) -> Any:
+        return sysinfo.hostapd_status(call.path[len("hostapd."):])

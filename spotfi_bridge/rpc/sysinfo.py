@@ -268,3 +268,29 @@ def interface_status(name: str) -> dict[str, Any]:
         if entry["interface"] == name:
             return {key: value for key, value in entry.items() if key != "interface"}
     raise UbusError(UBUS_NOT_FOUND)
+
+
+#: the radio a dry run shows when this machine has none (a typical 2.4 GHz OpenWrt AP)
+EMULATED_RADIO = "wlan0"
+
+
+def wireless_interfaces() -> list[str]:
+    """This machine's wireless interfaces, or the one emulated radio when it has none."""
+    try:
+        names = sorted(name for name in os.listdir("/sys/class/net")
+                       if os.path.isdir(f"/sys/class/net/{name}/wireless"))
+    except OSError:
+        names = []
+    return names or [EMULATED_RADIO]
+
+
+def hostapd_status(iface: str) -> dict[str, Any]:
+    """``hostapd.IFACE get_status`` as hostapd answers it for an access point that is up."""
+    mac = next((a.address for a in psutil.net_if_addrs().get(iface, ())
+                if a.family == psutil.AF_LINK), "02:00:00:00:00:01")
+    return {"status": "ENABLED", "bssid": mac, "ssid": "OpenWrt", "freq": 2437, "channel": 6,
+            "op_class": 81, "beacon_interval": 100, "phy": "phy0",
+            "rrm": {"neighbor_report_tx": 0},
+            "wnm": {"bss_transition_query_rx": 0, "bss_transition_request_tx": 0,
+                    "bss_transition_response_rx": 0},
+            "airtime": {"time": 0, "time_busy": 0, "utilization": 0}}

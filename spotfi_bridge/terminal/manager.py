@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from spotfi_bridge import protocol
 from spotfi_bridge.config import TerminalConfig
+from spotfi_bridge.freshness import Delivery, Freshness
 from spotfi_bridge.protocol import Topics, XData, XParseError, XResize, XStart, XStop
 from spotfi_bridge.publish import Publisher
 from spotfi_bridge.terminal.session import KILL_GRACE, PtySession
@@ -22,8 +23,9 @@ from spotfi_bridge.terminal.shell import shell_spec
 
 log = logging.getLogger("spotfi_bridge.terminal")
 
-#: Seconds a shell gets to exit after SIGHUP at shutdown before SIGKILL (procd waits ~5 s,
-#: the daemon gives the terminal part half of its shutdown budget).
+#: Seconds the processes of a session get to exit after SIGHUP at shutdown (or a router id
+#: change) before SIGKILL: the daemon gives the terminal part half of its shutdown budget,
+#: which must fit in procd's term_timeout.
 SHUTDOWN_GRACE = 0.8
 #: Ended session ids remembered so a redelivered ``x-start`` does not respawn them.
 RECENTLY_ENDED = 256
@@ -31,7 +33,7 @@ COUNTERS = (
     "started", "ended", "exited", "stopped", "idle_closed", "shutdown_closed",
     "refused_limit", "refused_ended", "spawn_failed", "duplicate_start", "unknown_session",
     "stop_unknown", "bad_data", "bad_topic", "bad_resize", "bad_message", "input_dropped",
-    "publish_refused", "internal_error", "no_subscriber_closed",
+    "publish_refused", "internal_error", "expired", "no_subscriber_closed",
 )
 
 
@@ -41,8 +43,10 @@ def _short(text: str, limit: int = 200) -> str:
 
 class SessionManager:
     def __init__(self, config: TerminalConfig, publish: Publisher, topics: Topics, *,
-                 kill_grace: float = KILL_GRACE) -> None:
+                 kill_grace: float = KILL_GRACE, freshness: Optional[Freshness] = None) -> None:
+        """``freshness`` judges ``x-start`` ages (the daemon shares one with RPC)."""
         self._config = config
+        self._freshness = freshness or Freshness(0.0)
         self._publish = publish
         self._topics = topics
         self._kill_grace = kill_grace
@@ -57,10 +61,10 @@ class SessionManager:
 
     # ------------------------------------------------------------------ the daemon's API
 
-    def handle(self, payload: bytes) -> None:
+    def handle(self, payload: bytes, delivery: Optional[Delivery] = None) -> None:
         """One ``x/in`` message. Never raises: a bug here must not take the link down."""
         try:
-            self._handle(payload)
+            self._handle(payload, delivery or Delivery())
         except Exception:
             self._counters["internal_error"] += 1
             log.exception("terminal: internal error handling an x/in message")
@@ -74,7 +78,7 @@ class SessionManager:
             "cols": s.cols,
             "rows": s.rows,
             "age": round(now - s.started_at, 3),
-            "idle": round(now - s.last_activity, 3),
+            "idle": round(now - s.last_input, 3),
             "bytesIn": s.bytes_in,
             "bytesOut": s.bytes_out,
             "seq": s.seq,
@@ -138,7 +142,7 @@ class SessionManager:
 
     # ------------------------------------------------------------------ dispatch
 
-    def _handle(self, payload: bytes) -> None:
+    def _handle(self, payload: bytes, delivery: Delivery) -> None:
         message = protocol.parse_x_message(payload)
         if isinstance(message, XParseError):
             self._bad_message(payload, message)
@@ -149,7 +153,7 @@ class SessionManager:
             elif not session.write(message.data):
                 self._counters["input_dropped"] += 1
         elif isinstance(message, XStart):
-            self._start(message)
+            self._start(message, delivery)
         elif isinstance(message, XResize):
             session = self._sessions.get(message.session_id)
             if session is None:
@@ -166,7 +170,7 @@ class SessionManager:
             else:
                 session.stop()
 
-    def _start(self, message: XStart) -> None:
+    def _start(self, message: XStart, delivery: Delivery) -> None:
         session_id = message.session_id
         topic = self._topics.x_out if message.response_topic is None else message.response_topic
         problem = self._topics.response_topic_problem(topic)
@@ -184,6 +188,14 @@ class SessionManager:
             log.info("terminal session %r: x-start repeated; session already open",
                      session_id)
             existing.send_started()
+            return
+        late = self._freshness.judge(message.sent_at, None, self._config.start_max_age, delivery)
+        if late is not None:
+            self._counters["expired"] += 1
+            log.warning("terminal: x-start %r expired, no shell started: %s", session_id,
+                        late.detail)
+            self._reply(topic, protocol.x_error(session_id, f"expired: {late.detail}",
+                                                reason="expired", **late.as_result()))
             return
         if session_id in self._recently_ended:
             self._counters["refused_ended"] += 1
@@ -216,7 +228,7 @@ class SessionManager:
         self._counters["started"] += 1
         log.info("terminal session %r started: pid %d, %s, %dx%d, output to %s", session_id,
                  session.pid, " ".join(spec.argv), message.cols, message.rows, topic)
-        self._schedule_idle(session.last_activity + config.idle_timeout)
+        self._schedule_idle(session.last_input + config.idle_timeout)
 
     def _on_end(self, session: PtySession, reason: str) -> None:
         if self._sessions.get(session.id) is session:
@@ -324,11 +336,10 @@ class SessionManager:
         next_at: Optional[float] = None
         for session in list(self._sessions.values()):
             timeout = session.config.idle_timeout
-            deadline = session.last_activity + timeout
+            deadline = session.last_input + timeout
             if deadline <= now + 0.001:
-                log.info("terminal session %r: no input or output for %g s", session.id,
-                         timeout)
-                session.end(f"session idle for {timeout:g} s: closed", "idle",
+                log.info("terminal session %r: no input for %g s", session.id, timeout)
+                session.end(f"session idle (no input) for {timeout:g} s: closed", "idle",
                             idleTimeout=timeout)
             elif next_at is None or deadline < next_at:
                 next_at = deadline

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import enum
 import errno
 import fcntl
 import json
@@ -30,6 +31,7 @@ from ptyprocess import PtyProcess
 from spotfi_bridge import protocol
 from spotfi_bridge.config import TerminalConfig
 from spotfi_bridge.publish import Publisher
+from spotfi_bridge.terminal.members import members, signal_members
 from spotfi_bridge.terminal.shell import ShellSpec, reset_child_signals
 
 log = logging.getLogger("spotfi_bridge.terminal")
@@ -38,11 +40,22 @@ log = logging.getLogger("spotfi_bridge.terminal")
 READ_PER_WAKEUP = 64 * 1024
 #: Keystrokes waiting for the shell to read them; beyond this input is refused (counted).
 INPUT_CAP = 1024 * 1024
-#: Seconds between SIGHUP and SIGKILL when a session is ended on purpose.
+#: Seconds between SIGHUP and SIGKILL when a session ends (the shell's whole session).
 KILL_GRACE = 2.0
+#: Seconds after SIGKILL the bridge keeps waiting for the session's processes to vanish
+#: (a process stuck in the kernel) before it lets the shell's pid go anyway.
+KILL_GIVE_UP = 2.0
+_SWEEP_MAX = 0.25
 _RETRY_MIN, _RETRY_MAX = 0.02, 1.0
 
 OnEnd = Callable[["PtySession", str], None]
+
+
+class Teardown(enum.Enum):
+    """How far ending the processes of the shell's session has gone."""
+    RUNNING = "running"   # nothing sent yet
+    HUNG_UP = "hung up"   # SIGHUP sent to the whole session; SIGKILL at the deadline
+    KILLED = "killed"     # SIGKILL sent to the whole session
 
 
 def exit_description(code: int) -> tuple[int, dict[str, Any], str]:
@@ -62,8 +75,14 @@ class PtySession:
 
     ``on_end`` is called exactly once, when the session stops accepting input: the
     shell exited (after its last output was queued), or :meth:`stop`/:meth:`end` were
-    called. The process may still be dying then; :meth:`wait_closed` waits until it
-    is reaped, its fds closed and every queued message handed to the publisher.
+    called. The process may still be dying then; :meth:`wait_closed` waits until
+    every process of the shell's session is gone and the shell reaped, its fds closed
+    and every queued message handed to the publisher.
+
+    A closed terminal leaves nothing running: when the session ends for any reason,
+    every process of the shell's session (jobs have process groups of their own) gets
+    SIGHUP, then SIGKILL after ``kill_grace``. The shell is kept a zombie until they are
+    gone, which pins its pid, the session id, against reuse (see ``members.py``).
     """
 
     def __init__(self, session_id: str, response_topic: str, config: TerminalConfig,
@@ -95,8 +114,10 @@ class PtySession:
         self._paused = False
         self._ended = False      # on_end called: no more input, no more output read
         self._eof = False        # master drained (EIO) or given up on
-        self._exited = False     # the shell is dead (maybe not reaped yet)
+        self._exited = False     # the shell is dead (a zombie until its session is empty)
         self._reaped = False
+        self._teardown = Teardown.RUNNING
+        self._killed_at = 0.0
         self._exit_code: Optional[int] = None
         self._end_reason = ""
         self._drain_left = 0
@@ -118,7 +139,7 @@ class PtySession:
 
         now = self._loop.time()
         self.started_at = now
-        self.last_activity = now
+        self.last_input = now
         self._last_flush = now - 1.0
         self.seq = 0
         self.bytes_in = 0
@@ -165,10 +186,7 @@ class PtySession:
     def _abort_start(self) -> None:
         self._ended = True
         self._cancel_timers(retry=True)
-        if self._pidfd >= 0:
-            self._loop.remove_reader(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = -1
+        self._close_pidfd()
         self._close_master()
         if not self._reaped:
             self._kill_now()
@@ -212,18 +230,16 @@ class PtySession:
         await future
 
     def force_close(self) -> None:
-        """Out of time (shutdown): SIGKILL the group now and drop what is still queued.
+        """Out of time (shutdown): SIGKILL the whole session now, drop what is queued.
 
-        The pidfd stays registered, so the loop still reaps the child if it keeps running.
+        The loop still reaps the shell, and waits for its session to be gone.
         """
         self._pending.clear()
         self._pending_raw = 0
         self._cancel_timers(retry=True)
         self._ended = True
         if not self._reaped and self.pid > 0:
-            self._signal_group(signal.SIGKILL)
-            if self._pidfd < 0:
-                self._poll_child()
+            self._kill()
         self._close_master()
         self._maybe_closed()
 
@@ -268,7 +284,7 @@ class PtySession:
                         len(self._inbuf))
             return False
         self.bytes_in += len(data)
-        self.last_activity = self._loop.time()
+        self.last_input = self._loop.time()
         if self._inbuf:
             self._inbuf += data
             return True
@@ -339,7 +355,6 @@ class PtySession:
             self.bytes_out += got
             if self._exited:
                 self._drain_left -= got
-            self.last_activity = self._loop.time()
             self.max_buffered = max(self.max_buffered, self.buffered)
             self._schedule_flush()
         return status
@@ -419,8 +434,6 @@ class PtySession:
     def _sent_callback(self, raw: int) -> Callable[[], None]:
         def sent() -> None:
             self._inflight -= raw
-            if raw:
-                self.last_activity = self._loop.time()
             if self._pending and self._retry_handle is not None:
                 # something drained: retry now rather than at the timer
                 self._retry_handle.cancel()
@@ -482,45 +495,38 @@ class PtySession:
     # ------------------------------------------------------------------ the child
 
     def _check_child(self) -> None:
-        """The pidfd is readable (or a poll/kill timer fired): collect the exit."""
-        if self._reaped or self.pid <= 0:
+        """The pidfd is readable (or the poll timer fired): has the shell exited?"""
+        if self._exited or self.pid <= 0:
             return
         try:
             info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:  # somebody else reaped it: the status is lost
-            log.warning("terminal session %r: shell (pid %d) was reaped elsewhere", self.id,
-                        self.pid)
-            self._record_exit(255, reaped=True)
-            self._after_reap()
+            log.warning("terminal session %r: shell (pid %d) was reaped elsewhere; its "
+                        "session's processes are not swept (its pid may be reused)",
+                        self.id, self.pid)
+            self._reaped = True
+            self._on_shell_exit(255)
             return
         if info is None:
             return
-        # Still a zombie, so the pid (and its process group id) cannot be reused yet:
-        # safe to hang up whatever is left of the group before reaping the leader.
-        self._signal_group(signal.SIGHUP)
-        try:
-            _, status = os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:
-            status = 255 << 8
-        self._record_exit(os.waitstatus_to_exitcode(status), reaped=True)
-        self._after_reap()
+        if info.si_code == os.CLD_EXITED:
+            self._on_shell_exit(info.si_status)
+        else:  # killed or dumped by a signal
+            self._on_shell_exit(-info.si_status)
 
-    def _record_exit(self, code: int, reaped: bool) -> None:
+    def _on_shell_exit(self, code: int) -> None:
+        """The shell is dead but not reaped: as a zombie it keeps its pid, the session id,
+        from reuse while what is left of its session is hung up, killed and waited for."""
         self._exited = True
         self._exit_code = code
-        self._reaped = reaped
-
-    def _after_reap(self) -> None:
-        if self._pidfd >= 0:
-            self._loop.remove_reader(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = -1
-        for handle in (self._kill_handle, self._poll_handle):
-            if handle is not None:
-                handle.cancel()
-        self._kill_handle = self._poll_handle = None
+        self._close_pidfd()  # readable for good now; the sweep takes over
+        if self._reaped:
+            self._after_reap()
+        else:
+            self._hang_up()  # a natural exit: its jobs were the terminal's too
+            self._poll_delay = 0.01
+            self._sweep()
         if self._ended:
-            self._maybe_closed()
             return
         # Natural exit: drain what the PTY still holds (bounded), then report it.
         self._drain_left = self.config.outbox_bytes + 256 * 1024
@@ -529,13 +535,58 @@ class PtySession:
         else:
             self._update_reader()  # schedules the drain, or the next on_sent will
 
-    def _poll_child(self) -> None:
-        """Only without pidfd (kernel < 5.3): poll with a backoff until the child is gone."""
+    def _sweep(self) -> None:
+        """Reap the shell once no process of its session is left; until then look again,
+        backing off, SIGKILLing again anything that appeared after the SIGKILL."""
         self._poll_handle = None
-        if self._reaped:
+        if self._reaped or not self._exited:
             return
+        left = members(self.pid)
+        if left and self._teardown is Teardown.KILLED:
+            if self._loop.time() - self._killed_at >= KILL_GIVE_UP:
+                log.warning("terminal session %r: %d processes of its session still there "
+                            "%.1f s after SIGKILL (pids %s); giving up on them", self.id,
+                            len(left), KILL_GIVE_UP, ", ".join(str(p) for p, _ in left[:10]))
+                left = []
+            else:
+                self._signal_session(signal.SIGKILL, left)
+        if not left:
+            self._reap()
+            return
+        self._poll_handle = self._loop.call_later(self._poll_delay, self._sweep)
+        self._poll_delay = min(self._poll_delay * 2, _SWEEP_MAX)
+
+    def _reap(self) -> None:
+        try:
+            os.waitpid(self.pid, os.WNOHANG)  # a zombie: immediate
+        except ChildProcessError:
+            pass
+        self._reaped = True
+        self._after_reap()
+
+    def _after_reap(self) -> None:
+        self._close_pidfd()
+        for handle in (self._kill_handle, self._poll_handle):
+            if handle is not None:
+                handle.cancel()
+        self._kill_handle = self._poll_handle = None
+        self._maybe_closed()
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd >= 0:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+    def _poll_child(self) -> None:
+        """Only without pidfd (kernel < 5.3): poll with a backoff until the shell exits."""
+        if self._exited:
+            return  # the sweep owns the timer now
+        if self._poll_handle is not None:  # one chain of polls, whoever calls
+            self._poll_handle.cancel()
+            self._poll_handle = None
         self._check_child()
-        if not self._reaped:
+        if not self._exited:
             self._poll_handle = self._loop.call_later(self._poll_delay, self._poll_child)
             self._poll_delay = min(self._poll_delay * 2, 1.0)
 
@@ -561,21 +612,48 @@ class PtySession:
             self._on_end(self, reason)
 
     def _terminate(self) -> None:
-        """SIGHUP the group and hang up the terminal; SIGKILL after the grace period."""
+        """Hang up the session and the terminal; SIGKILL after the grace period."""
         if not self._reaped and self.pid > 0:
-            self._signal_group(signal.SIGHUP)
-            self._kill_handle = self._loop.call_later(self._kill_grace, self._kill_late)
-            if self._pidfd < 0:
+            self._hang_up()
+            if self._pidfd < 0 and not self._exited:
                 self._poll_child()
         self._close_master()
         self._maybe_closed()
 
+    def _hang_up(self) -> None:
+        if self._teardown is not Teardown.RUNNING or self._reaped:
+            return
+        self._teardown = Teardown.HUNG_UP
+        self._signal_session(signal.SIGHUP)
+        self._kill_handle = self._loop.call_later(self._kill_grace, self._kill_late)
+
     def _kill_late(self) -> None:
         self._kill_handle = None
-        if not self._reaped:
-            log.info("terminal session %r: shell (pid %d) ignored SIGHUP for %.1f s: SIGKILL",
-                     self.id, self.pid, self._kill_grace)
-            self._signal_group(signal.SIGKILL)
+        if self._reaped:
+            return
+        left = [str(pid) for pid, _ in members(self.pid)]
+        if left:
+            log.info("terminal session %r: %d processes of its session (pids %s) still "
+                     "running %.1f s after SIGHUP: SIGKILL", self.id, len(left),
+                     ", ".join(left[:10]), self._kill_grace)
+        self._kill()
+
+    def _kill(self) -> None:
+        """SIGKILL the whole session now; the sweep waits for it to be gone."""
+        if self._kill_handle is not None:
+            self._kill_handle.cancel()
+            self._kill_handle = None
+        if self._teardown is not Teardown.KILLED:
+            self._teardown = Teardown.KILLED
+            self._killed_at = self._loop.time()
+        self._signal_session(signal.SIGKILL)
+        if self._exited:
+            if self._poll_handle is not None:
+                self._poll_handle.cancel()
+            self._poll_delay = 0.01
+            self._poll_handle = self._loop.call_later(self._poll_delay, self._sweep)
+        elif self._pidfd < 0:
+            self._poll_child()
 
     def _kill_now(self) -> None:
         """Spawned but unusable: the child is fresh, so a blocking reap is immediate."""
@@ -585,6 +663,13 @@ class PtySession:
         except ChildProcessError:
             pass
         self._reaped = True
+
+    def _signal_session(self, signum: int,
+                        found: Optional[list[tuple[int, int]]] = None) -> None:
+        """The shell's process group, then every other process of its session (``found``:
+        a fresh list from :func:`members`)."""
+        self._signal_group(signum)
+        signal_members(self.pid, signum, found)
 
     def _signal_group(self, signum: int) -> None:
         try:

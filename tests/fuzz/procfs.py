@@ -1,4 +1,5 @@
-"""What the tests read about a live process from /proc: memory, fds, children, fd flags."""
+"""What the tests read about a live process from /proc: memory, fds, children, fd flags,
+state and session."""
 
 from __future__ import annotations
 
@@ -74,6 +75,36 @@ def state(pid: int) -> Optional[str]:
     """One-letter process state (``Z`` for a zombie), None when it is gone."""
     fields = _stat_fields(pid)
     return fields[0] if fields else None
+
+
+def alive(pid: int) -> bool:
+    """Running or sleeping: neither gone nor a zombie (which no signal reaches)."""
+    return state(pid) not in (None, "Z", "X")
+
+
+def session_id(pid: int) -> Optional[int]:
+    fields = _stat_fields(pid)
+    return int(fields[3]) if fields else None
+
+
+def start_time(pid: int) -> Optional[str]:
+    """Clock ticks after boot: with the pid, names one process (pids get reused)."""
+    fields = _stat_fields(pid)
+    return fields[19] if fields else None
+
+
+def session_members(sid: int) -> list[int]:
+    """Live processes of session ``sid``, whatever their process group."""
+    return [int(name) for name in os.listdir("/proc")
+            if name.isdigit() and session_id(int(name)) == sid and alive(int(name))]
+
+
+def comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
 
 
 def cmdline(pid: int) -> list[str]:

@@ -114,7 +114,9 @@ def rpc_call(api: ApiClient, path: str, method: str, args: Optional[dict[str, An
     if (topic, 1) not in api._subscriptions:
         api.subscribe(topic)
     start = api.mark()
-    req_id = api.rpc_send(ROUTER, path, method, args, req_id=f"{id_prefix}-{uuid.uuid4().hex}", **extra)
+    # stamped like the API's ids: the bridge's clock agrees, so stale stamps are refused
+    req_id = api.rpc_send(ROUTER, path, method, args, **extra,
+                          req_id=f"cmd_{int(time.time() * 1000)}_{id_prefix}-{uuid.uuid4().hex}")
     needle = req_id.encode()
     reply = api.wait_message(topic, lambda m: needle in m.payload and isinstance(_body(m), dict)
                              and _body(m).get("id") == req_id, timeout, start)
@@ -261,8 +263,11 @@ def run_flood(broker: Mosquitto, api: ApiClient, watch: TopicWatch,
     assert info["daemon"]["unexpected_topic"] == 0  # stray topics never reach it
     assert "Traceback" not in log, log[log.index("Traceback") - 500:][:3000]
     # the input was hostile enough to reach every refusal path
-    assert rpc["invalid"] > 0 and rpc["unroutable"] > 0 and rpc["denied"] > 0 and \
-        rpc["expired"] > 0
+    assert rpc["invalid"] > 0 and rpc["unroutable"] > 0 and rpc["denied"] > 0
+    # stale stamps are refused while the router's clock is trusted (the probe's stamped ids
+    # agree with it); the flood's own odd stamps end that trust after 3 in a row, so which
+    # of RPC or x-start gets refused depends on the seed (tests/unit/test_freshness.py)
+    assert rpc["expired"] + terminal["expired"] > 0
     assert not os.path.exists("/tmp/spotfi-fuzz-pwned")
     assert terminal["bad_topic"] > 0 and terminal["bad_message"] > 0 and \
         terminal["bad_data"] > 0 and terminal["started"] > 0

@@ -129,7 +129,8 @@ class ApiClient:
 
     def rpc_send(self, router_id: str, path: str, method: str, args: Optional[dict[str, Any]] = None,
                  req_id: Optional[Any] = None, **extra: Any) -> Any:
-        req_id = req_id if req_id is not None else f"cmd_{int(time.time())}_{next(self._ids)}"
+        if req_id is None:  # the API's shape: cmd_<epoch ms>_<instance prefix>_<n>
+            req_id = f"cmd_{int(time.time() * 1000)}_{self.instance}_{next(self._ids)}"
         self.publish(f"spotfi/router/{router_id}/rpc/request",
                      protocol.api_rpc_request(req_id, path, method, args, **extra))
         return req_id

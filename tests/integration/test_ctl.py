@@ -3,6 +3,7 @@ and for ``ctl shell`` a real PTY standing in for the operator's terminal."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -14,7 +15,7 @@ import sys
 import termios
 import threading
 from pathlib import Path
-from typing import IO, Any, Callable, Optional
+from typing import IO, Any, Callable, Iterator, Optional
 
 import pytest
 
@@ -102,7 +103,7 @@ def test_rpc_success_error_timeout_and_config_file(
 
     missing = run_ctl(broker, tmp_path, "rpc", "nosuch", "thing")
     assert missing.returncode == 1
-    assert "error: Not found" in missing.stderr and missing.stdout == ""
+    assert "error: nosuch.thing: Not found" in missing.stderr and missing.stdout == ""
 
     ghost = run_ctl(broker, tmp_path, "rpc", "bridge", "ping", "--timeout", "1", router="ghost")
     assert ghost.returncode == 124
@@ -115,6 +116,30 @@ def test_rpc_success_error_timeout_and_config_file(
     flagless = subprocess.run(ctl_argv("rpc", "bridge", "ping"), capture_output=True, text=True,
                               env=ctl_env(tmp_path, SPOTFI_CTL_CONFIG=str(config)), timeout=15)
     assert flagless.returncode == 0 and json.loads(flagless.stdout)["pong"] is True
+
+
+def test_rpc_errors_name_the_call(api: ApiClient, broker: Mosquitto,
+                                  make_bridge: Callable[..., BridgeProcess],
+                                  tmp_path: Path) -> None:
+    make_bridge(toml=BASE)
+    wait_online(api)
+    nomethod = run_ctl(broker, tmp_path, "rpc", "system", "nomethod")
+    assert nomethod.returncode == 1
+    assert nomethod.stderr.splitlines()[-1] == "error: system.nomethod: Method not found"
+
+
+@pytest.mark.parametrize("command", [("rpc", "system", "info"), ("sessions",)])
+def test_a_router_the_broker_never_saw_is_reported_without_waiting_the_timeout(
+        broker: Mosquitto, tmp_path: Path, command: tuple[str, ...]) -> None:
+    # no retained status: the router never connected to this broker (a typo in --router or
+    # --broker), so no reply will come; the default timeout is 30 s, the run is bounded at 20
+    ghost = run_ctl(broker, tmp_path, *command, router="ghost", timeout=20)
+    assert ghost.returncode == 124
+    call = "bridge.sessions" if command == ("sessions",) else "system.info"
+    assert ghost.stderr.strip() == (
+        f"spotfi-bridge-ctl: router ghost has never announced itself on {broker.url} (no "
+        f"retained status after 2 s): no reply to {call} will come; check --router and "
+        "--broker"), ghost.stderr
 
 
 def test_unreachable_broker_is_a_clear_error(tmp_path: Path) -> None:
@@ -187,6 +212,8 @@ class Terminal:
     def __init__(self, cols: int = 80, rows: int = 24) -> None:
         self.master, self.slave = os.openpty()
         self.resize(cols, rows)
+        #: the modes before ctl touched them, which it must restore on every way out
+        self.initial_modes = termios.tcgetattr(self.slave)
         os.set_blocking(self.master, False)
         self.output = b""
 
@@ -231,6 +258,22 @@ def sessions_of(api: ApiClient) -> list[dict[str, Any]]:
     return result
 
 
+@contextlib.contextmanager
+def ctl_shell(broker: Mosquitto, tmp_path: Path, cols: int = 80, rows: int = 24
+              ) -> Iterator[tuple[Terminal, subprocess.Popen[bytes]]]:
+    """``ctl shell`` on a fresh terminal; killed and the terminal closed whatever happens."""
+    term = Terminal(cols, rows)
+    proc = term.spawn(ctl_argv("--broker", broker.url, "--router", ROUTER, "shell"),
+                      ctl_env(tmp_path))
+    try:
+        yield term, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        term.close()
+
+
 def wait_exit(proc: subprocess.Popen[bytes], term: Terminal, timeout: float = 10) -> int:
     wait_for(lambda: term.pump() is not None and proc.poll() is not None, timeout, "ctl to exit")
     term.pump()
@@ -244,11 +287,7 @@ def test_shell_echo_resize_quit_and_terminal_restored(
     wait_online(api)
     x_in = f"spotfi/router/{ROUTER}/x/in"
     api.subscribe(x_in)
-    term = Terminal(80, 24)
-    before = termios.tcgetattr(term.slave)
-    proc = term.spawn(ctl_argv("--broker", broker.url, "--router", ROUTER, "shell"),
-                      ctl_env(tmp_path))
-    try:
+    with ctl_shell(broker, tmp_path, 80, 24) as (term, proc):
         start = api.wait_message(x_in, lambda m: m.json().get("type") == "x-start").json()
         assert (start["cols"], start["rows"]) == (80, 24), "the local size goes in x-start"
         assert CTL_OUT.match(start["responseTopic"]), start
@@ -272,12 +311,26 @@ def test_shell_echo_resize_quit_and_terminal_restored(
         stop = api.wait_message(x_in, lambda m: m.json().get("type") == "x-stop").json()
         assert stop["sessionId"] == session_id
         wait_for(lambda: sessions_of(api) == [], 10, "the bridge to close the session")
-        assert termios.tcgetattr(term.slave) == before, "terminal modes restored"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        term.close()
+        assert termios.tcgetattr(term.slave) == term.initial_modes, "terminal modes restored"
+
+
+def test_shell_says_where_it_goes_and_when_nothing_comes_back(
+        api: ApiClient, broker: Mosquitto, make_bridge: Callable[..., BridgeProcess],
+        tmp_path: Path) -> None:
+    # a shell that is slow to say anything, as one with a heavy profile is
+    make_bridge(toml=BASE.replace('shell = "/bin/sh"',
+                                  'shell = ["/bin/sh", "-c", "sleep 6; echo late-$((6*7)); '
+                                  'exec /bin/sh"]'))
+    wait_online(api)
+    with ctl_shell(broker, tmp_path) as (term, proc):
+        term.wait_for(f"spotfi-bridge-ctl: shell on router {ROUTER} via {broker.url}; "
+                      "~. quits, ~? for help".encode())
+        term.wait_for(b"[ctl: no output after 3 s (the router is ONLINE; its shell may be slow "
+                      b"to start); still waiting, ~. quits]")
+        term.wait_for(b"late-42", 15)
+        assert term.output.count(b"no output after") == 1, "said once"
+        term.type(b"\r~.")
+        assert wait_exit(proc, term) == 0
 
 
 def test_shell_exit_code_and_reason_when_the_remote_shell_exits(
@@ -285,22 +338,13 @@ def test_shell_exit_code_and_reason_when_the_remote_shell_exits(
         tmp_path: Path) -> None:
     make_bridge(toml=BASE)
     wait_online(api)
-    term = Terminal()
-    before = termios.tcgetattr(term.slave)
-    proc = term.spawn(ctl_argv("--broker", broker.url, "--router", ROUTER, "shell"),
-                      ctl_env(tmp_path))
-    try:
+    with ctl_shell(broker, tmp_path) as (term, proc):
         term.type(b"echo rea''dy\r")
         term.wait_for(b"ready")
         term.type(b"exit 7\r")
         assert wait_exit(proc, term) == 7
         assert b"ended: the shell exited with code 7" in term.output
-        assert termios.tcgetattr(term.slave) == before
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        term.close()
+        assert termios.tcgetattr(term.slave) == term.initial_modes
 
 
 def test_shell_restores_the_terminal_on_sigterm(
@@ -308,24 +352,15 @@ def test_shell_restores_the_terminal_on_sigterm(
         tmp_path: Path) -> None:
     make_bridge(toml=BASE)
     wait_online(api)
-    term = Terminal()
-    before = termios.tcgetattr(term.slave)
-    proc = term.spawn(ctl_argv("--broker", broker.url, "--router", ROUTER, "shell"),
-                      ctl_env(tmp_path))
-    try:
+    with ctl_shell(broker, tmp_path) as (term, proc):
         term.type(b"echo rea''dy\r")
         term.wait_for(b"ready")
-        assert termios.tcgetattr(term.slave) != before
+        assert termios.tcgetattr(term.slave) != term.initial_modes
         proc.send_signal(signal.SIGTERM)
         assert wait_exit(proc, term) == 128 + signal.SIGTERM
         assert b"interrupted by SIGTERM" in term.output
-        assert termios.tcgetattr(term.slave) == before
+        assert termios.tcgetattr(term.slave) == term.initial_modes
         wait_for(lambda: sessions_of(api) == [], 10, "x-stop to close the session")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        term.close()
 
 
 # --------------------------------------------------------------------------- watch
@@ -380,10 +415,7 @@ def test_shell_survives_a_broker_restart(
         tmp_path: Path) -> None:
     make_bridge(toml=BASE)
     wait_online(api)
-    term = Terminal()
-    proc = term.spawn(ctl_argv("--broker", broker.url, "--router", ROUTER, "shell"),
-                      ctl_env(tmp_path))
-    try:
+    with ctl_shell(broker, tmp_path) as (term, proc):
         term.type(b"echo before-$((1+1))\r")
         term.wait_for(b"before-2")
         mark = len(term.output)
@@ -398,11 +430,6 @@ def test_shell_survives_a_broker_restart(
         assert b"before-2" not in term.output[mark:], "no replay of old output"
         term.type(b"\r~.")
         assert wait_exit(proc, term) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        term.close()
 
 
 def test_shell_ends_when_a_restarted_bridge_no_longer_knows_the_session(
@@ -410,11 +437,7 @@ def test_shell_ends_when_a_restarted_bridge_no_longer_knows_the_session(
         tmp_path: Path) -> None:
     first = make_bridge(toml=BASE)
     wait_online(api)
-    term = Terminal()
-    before = termios.tcgetattr(term.slave)
-    proc = term.spawn(ctl_argv("--broker", broker.url, "--router", ROUTER, "shell"),
-                      ctl_env(tmp_path))
-    try:
+    with ctl_shell(broker, tmp_path) as (term, proc):
         term.type(b"echo rea''dy\r")
         term.wait_for(b"ready")
         first.kill()  # a crash: the broker publishes the Last Will
@@ -424,9 +447,4 @@ def test_shell_ends_when_a_restarted_bridge_no_longer_knows_the_session(
         term.type(b"echo lost\r")  # to a session the new bridge never had
         assert wait_exit(proc, term) == 1
         assert b"ended: the bridge ended it: unknown session" in term.output
-        assert termios.tcgetattr(term.slave) == before
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        term.close()
+        assert termios.tcgetattr(term.slave) == term.initial_modes

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
 
+from spotfi_bridge import link
+from spotfi_bridge.rpc import executor
+from spotfi_bridge.terminal import manager
 from tests.conftest import wait_online
 from tests.helpers.apiclient import ApiClient
 from tests.helpers.bridge import ROOT, BridgeProcess
@@ -107,7 +112,7 @@ def test_broker_restart_republishes_online(
 def test_config_error_exits_78_with_one_clear_line(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "SPOTFI_ROUTER_ID": "r1",
            "SPOTFI_TOKEN": "tok-abcdef", "SPOTFI_MQTT_BROKER": "mqtt://127.0.0.1:1",
-           "SPOTFI_ENV_FILE": str(tmp_path / "none.env"), "SPOTFI_METRICS_INTERVAL": "90"}
+           "SPOTFI_ENV_FILE": os.devnull, "SPOTFI_METRICS_INTERVAL": "90"}
     proc = subprocess.run([sys.executable, "-m", "spotfi_bridge", "run"], env=env,
                           capture_output=True, text=True, timeout=20)
     assert proc.returncode == 78
@@ -150,7 +155,7 @@ def test_check_config_masks_token(tmp_path: Path) -> None:
     config.write_text('[router]\nid = "r9"\ntoken = "tok-zyxwvu"\n[mqtt]\nbroker = "mqtts://example.net"\n')
     config.chmod(0o600)
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT),
-           "SPOTFI_ENV_FILE": str(tmp_path / "none.env")}
+           "SPOTFI_ENV_FILE": os.devnull}
     proc = subprocess.run([sys.executable, "-m", "spotfi_bridge", "check-config", "--config",
                            str(config)], env=env, capture_output=True, text=True, timeout=20)
     assert proc.returncode == 0, proc.stderr
@@ -183,3 +188,21 @@ def test_a_keystroke_the_broker_delivers_twice_is_typed_once(
         wait_for(lambda: runs.read_text().endswith("done\n"), 10, "the next command")
         assert runs.read_text() == "run\ndone\n"
         bridge.wait_log("ignored the broker's resend of a message already handled")
+
+
+def test_bridge_info_lists_every_counter_zeros_included(
+        api: ApiClient, make_bridge: Callable[..., BridgeProcess]) -> None:
+    # an operator reading `bridge info` must see auth_refused: 0, not wonder whether the
+    # counter exists; a counter that shows up only once it moved reads as "not counted"
+    make_bridge(toml=FAST)
+    wait_online(api)
+    info = api.rpc(ROUTER, "bridge", "info")["result"]
+    for part, names in (("link", link.COUNTER_NAMES), ("counters", executor.COUNTER_NAMES),
+                        ("terminal", manager.COUNTERS)):
+        missing = [name for name in names if name not in info[part]]
+        assert not missing, f"{part}: {missing} not listed"
+    assert info["link"]["auth_refused"] == 0 and info["link"]["dropped_qos0"] == 0
+    assert {"sent", "skipped", "interval"} <= set(info["metrics"])
+    # and the link counts nothing it does not declare
+    source = Path(link.__file__).read_text()
+    assert set(re.findall(r'stats\["(\w+)"\]', source)) <= set(link.COUNTER_NAMES)

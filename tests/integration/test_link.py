@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -22,7 +23,7 @@ TOKEN = "s3cret-token-value"
 
 def make_config(url: str, **env: str) -> Config:
     environ = {"SPOTFI_ROUTER_ID": ROUTER, "SPOTFI_TOKEN": TOKEN, "SPOTFI_MQTT_BROKER": url,
-               "SPOTFI_ENV_FILE": "/nonexistent/spotfi.env", "SPOTFI_MQTT_BACKOFF_MIN": "0.05",
+               "SPOTFI_ENV_FILE": os.devnull, "SPOTFI_MQTT_BACKOFF_MIN": "0.05",
                "SPOTFI_MQTT_BACKOFF_MAX": "1"}
     environ.update(env)
     return load_config(environ=environ)
@@ -44,7 +45,7 @@ class Harness:
 
     def __init__(self, config: Config) -> None:
         self.received: list[tuple[str, bytes]] = []
-        self.link = MqttLink(config, lambda t, p: self.received.append((t, p)))
+        self.link = MqttLink(config, lambda t, p, _d: self.received.append((t, p)))
         self.task: Optional[asyncio.Task[None]] = None
 
     async def __aenter__(self) -> Harness:
@@ -159,6 +160,42 @@ def test_outage_keeps_qos1_messages_in_order_and_outbox_is_bounded(broker: Mosqu
         asyncio.run(scenario())
     finally:
         proxy.close()
+        api.close()
+
+
+def test_publishing_from_the_loop_writes_inline_without_watching_for_writability(
+        broker: Mosquitto) -> None:
+    """A message published outside a paho step (a terminal's output) is written at once;
+    a writer is added only when the socket is full, never for a small message (it would
+    cost two epoll_ctl calls per keystroke echo)."""
+    api = ApiClient(broker.port)
+    topic = f"spotfi/router/{ROUTER}/x/out"
+    api.subscribe(topic)
+
+    async def scenario() -> None:
+        async with Harness(make_config(broker.url)) as h:
+            assert await h.link.wait_connected(10)
+            loop = asyncio.get_running_loop()
+            writers: list[int] = []
+            add_writer = loop.add_writer
+
+            def watching(fd: Any, callback: Callable[..., Any], *args: Any) -> None:
+                writers.append(fd)
+                add_writer(fd, callback, *args)
+
+            loop.add_writer = watching  # type: ignore[method-assign]  # observes, still adds
+            sent: list[int] = []
+            for i in range(20):
+                await asyncio.sleep(0)  # each from its own loop turn, as keystroke echoes
+                assert h.link.publish(topic, b"%d" % i, on_sent=lambda i=i: sent.append(i))
+            await until(lambda: len(sent) == 20, what="every PUBACK")
+            assert writers == []
+            assert sent == list(range(20))
+        assert [int(m.payload) for m in api.matching(topic)] == list(range(20))
+
+    try:
+        asyncio.run(scenario())
+    finally:
         api.close()
 
 

@@ -47,7 +47,9 @@ def test_packaged_daemon_serves_rpc_and_a_terminal(installed_root: Path, broker:
     env.update({"SPOTFI_BRIDGE_LIB": str(installed_root / "usr/lib/spotfi-bridge"),
                 "SPOTFI_BRIDGE_PYTHON": sys.executable, "SPOTFI_ENV_FILE": str(env_file),
                 "SPOTFI_CONFIG": str(tmp_path / "bridge.toml")})
-    (tmp_path / "bridge.toml").write_text("[rpc]\nbackend = \"local\"\n")
+    # the shell pinned: the default is the user's login shell, which reads ~/.bashrc
+    (tmp_path / "bridge.toml").write_text("[rpc]\nbackend = \"local\"\n"
+                                          "[terminal]\nshell = [\"/bin/sh\"]\n")
     log = open(tmp_path / "bridge.log", "wb")
     proc = subprocess.Popen([*shell(), str(installed_root / "usr/bin/spotfi-bridge"), "run"],
                             env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import shutil
 import signal
 import socket
@@ -380,7 +381,7 @@ def test_ubus_call_arguments_stay_single_argv_words(
 
 
 def test_tls_verification_turned_off_is_warned_about(tmp_path: Path) -> None:
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "SPOTFI_ENV_FILE": str(tmp_path / "x"),
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "SPOTFI_ENV_FILE": os.devnull,
            "SPOTFI_ROUTER_ID": ROUTER, "SPOTFI_TOKEN": TOKEN,
            "SPOTFI_MQTT_BROKER": "mqtts://broker.example", "SPOTFI_TLS_INSECURE": "true"}
     proc = subprocess.run([sys.executable, "-m", "spotfi_bridge", "check-config"], env=env,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from tests.conftest import wait_online
+from tests.fuzz.procfs import comm
 from tests.helpers.apiclient import ApiClient
 from tests.helpers.bridge import BridgeProcess
 from tests.helpers.broker import Mosquitto
@@ -62,14 +63,6 @@ def state(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/stat") as handle:
             return handle.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return ""
-
-
-def comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as handle:
-            return handle.read().strip()
     except OSError:
         return ""
 
@@ -262,3 +255,15 @@ def test_sigterm_tells_sessions_before_offline_and_start_stop_leaks_nothing(
         told = next(m for m in api.received[mark:] if m.topic == api.out_topic
                     and m.json().get("sessionId") == sid and m.json()["type"] == "x-error")
         assert told.at <= offline.at
+
+
+def test_a_test_bridge_runs_a_pinned_shell_not_the_users_login_shell(
+        api: ApiClient, make_bridge: Callable[..., BridgeProcess]) -> None:
+    # A login shell reads ~/.bashrc and ~/.profile: what the host user keeps there (a slow
+    # pyenv init, a prompt that prints) must not decide whether a test passes.
+    bridge = make_bridge()
+    wait_online(api)
+    session_id = api.x_start(ROUTER)
+    api.wait_x(session_id, "x-started")
+    assert [s["shell"] for s in sessions(api)] == [["/bin/sh"]], bridge.log()
+    api.x_stop(ROUTER, session_id)

@@ -65,9 +65,12 @@ connect_timeout = 3
 [rpc]
 backend = "local"
 max_concurrent = 4
+# this API side waits OP_TIMEOUT (90 s) for every answer: the bridge's windows say so
+max_age = 90
 [terminal]
 shell = ["/bin/sh"]
 max_sessions = 8
+start_max_age = 90
 """
 OP_TIMEOUT = 90.0  # a round may wait out a black hole and a reconnect
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -881,7 +884,7 @@ def run(settings: Settings) -> dict[str, Any]:
         log_copy = RESULTS / "latest-bridge.log"
         try:
             RESULTS.mkdir(exist_ok=True)
-            shutil.copy(bridge.log_path, log_copy)
+            log_copy.write_text(bridge.log())  # closed: its directory is gone, its log kept
         except OSError:
             pass
         shutil.rmtree(workdir, ignore_errors=True)

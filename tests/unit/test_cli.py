@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,8 @@ import pytest
 from spotfi_bridge import __version__
 from spotfi_bridge import config as config_module
 from spotfi_bridge.cli import main
+from tests.helpers.ports import free_port
+from tests.helpers.wait import wait_for
 
 TOKEN = "tok-0a1b2c3d4e5f-SECRET"
 REPO = Path(__file__).resolve().parents[2]
@@ -148,7 +152,7 @@ def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
 
 def spotfi_bridge(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SPOTFI_")}
-    environ["SPOTFI_ENV_FILE"] = str(tmp_path / "no-such.env")
+    environ["SPOTFI_ENV_FILE"] = os.devnull
     environ.update(env)
     return subprocess.run([sys.executable, "-m", "spotfi_bridge", *args], cwd=REPO, env=environ,
                           capture_output=True, text=True, timeout=60, check=False)
@@ -198,3 +202,26 @@ def test_process_config_from_spotfi_config(tmp_path: Path) -> None:
                          SPOTFI_TOKEN=TOKEN, SPOTFI_MQTT_BROKER="b")
     assert proc.returncode == 78
     assert proc.stderr.count("\n") == 1 and toml in proc.stderr and "[mqtt] keepalive = 1" in proc.stderr
+
+
+@pytest.mark.parametrize(("args", "stamped"), [((), True), (("--logd",), False)])
+def test_process_log_lines_are_stamped_unless_logd_stamps_them(
+        tmp_path: Path, args: tuple[str, ...], stamped: bool) -> None:
+    # procd hands stderr to logd, which adds the time (the init script passes --logd);
+    # run by hand, the line itself must say when
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SPOTFI_")}
+    environ.update(SPOTFI_ENV_FILE=write(tmp_path / "spotfi.env", ""), SPOTFI_ROUTER_ID="r1",
+                   SPOTFI_TOKEN=TOKEN, SPOTFI_MQTT_BROKER=f"mqtt://127.0.0.1:{free_port()}")
+    log_path = tmp_path / "stderr.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "spotfi_bridge", "run", *args], cwd=REPO,
+                                env=environ, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    try:
+        text = wait_for(lambda: "starting" in log_path.read_text() and log_path.read_text(), 30,
+                        "the start-up line")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    first = text.splitlines()[0]
+    assert first.startswith("INFO spotfi_bridge.daemon: spotfi-bridge") != stamped, first
+    assert bool(re.match(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{3} INFO ", first)) == stamped

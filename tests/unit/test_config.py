@@ -16,6 +16,7 @@ import pytest
 
 from spotfi_bridge import config as config_module
 from spotfi_bridge.config import Config, ConfigError, load_config
+from tests.helpers.certs import make_ca, make_server_cert
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -160,10 +161,17 @@ def test_default_toml_path_is_read_when_present(tmp_path: Path,
     assert cfg.sources == (default,)
 
 
-def test_full_toml_file(tmp_path: Path) -> None:
-    ca = write(tmp_path / "ca.pem", "-----BEGIN CERTIFICATE-----\n")
-    cert = write(tmp_path / "client.pem", "-----BEGIN CERTIFICATE-----\n")
-    key = write(tmp_path / "client.key", "-----BEGIN PRIVATE KEY-----\n")
+@pytest.fixture(scope="module")
+def pem(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A real CA and client certificate with its key: the loader now loads them."""
+    directory = tmp_path_factory.mktemp("pem")
+    ca = make_ca(directory)
+    cert, key = make_server_cert(directory, ca, "DNS:r-42", "client", usage="clientAuth")
+    return {"ca": str(ca[0]), "cert": str(cert), "key": str(key)}
+
+
+def test_full_toml_file(tmp_path: Path, pem: dict[str, str]) -> None:
+    ca, cert, key = pem["ca"], pem["cert"], pem["key"]
     toml = write(tmp_path / "bridge.toml", f"""\
 [router]
 id = "r-42"
@@ -323,6 +331,34 @@ default_timeout = 20
     assert env.timeout_for("uci", "commit") == 10.0
 
 
+def test_rpc_max_ages_table_and_max_age_for(tmp_path: Path) -> None:
+    default = load_config(None, dict(BASE_ENV))
+    assert default.rpc.max_age_for("file", "exec") == 120.0  # the API waits 120 s for opkg
+    assert default.rpc.max_age_for("system", "reboot") == default.rpc.max_age == 30.0
+    assert default.rpc.clock_skew == 5.0 and default.terminal.start_max_age == 30.0
+
+    toml = write(tmp_path / "a.toml", """\
+[rpc]
+max_age = 10
+clock_skew = 2
+
+[rpc.max_ages]
+"system.*" = 60
+
+[terminal]
+start_max_age = 15
+""")
+    cfg = load_config(toml, dict(BASE_ENV))
+    assert cfg.rpc.max_age_for("system", "reboot") == 60.0
+    assert cfg.rpc.max_age_for("file", "exec") == 120.0   # the built-in pattern still applies
+    assert cfg.rpc.max_age_for("uci", "get") == 10.0
+    assert (cfg.rpc.clock_skew, cfg.terminal.start_max_age) == (2.0, 15.0)
+    assert cfg.redacted()["rpc"]["max_ages"] == {"system.*": 60.0, "file.exec": 120.0}
+
+    env = load_config(None, {**BASE_ENV, "SPOTFI_RPC_MAX_AGES": "file.exec=300"}).rpc
+    assert env.max_ages == (("file.exec", 300.0),)
+
+
 # --------------------------------------------------------------------------- error paths
 
 TOML_ERRORS = [
@@ -362,6 +398,16 @@ TOML_ERRORS = [
     ("rpc", "timeouts", '{ "file.exec" = "slow" }', "glob = seconds"),
     ("rpc", "timeouts", '{ "file.exec" = 0 }', "glob = seconds"),
     ("rpc", "timeouts", "5", "glob = seconds"),
+    ("rpc", "compat", '"sometimes"', "true or false"),
+    ("rpc", "init_dir", '"etc/init.d"', "an absolute path"),
+    ("rpc", "init_dir", "1", "an absolute path"),
+    ("rpc", "max_age", "0", "1 to 86400"),
+    ("rpc", "max_ages", '{ "file.exec" = 0.5 }', "glob = seconds (1 to 86400)"),
+    ("rpc", "max_ages", '{ "file.exec" = "long" }', "glob = seconds (1 to 86400)"),
+    ("rpc", "max_ages", "[120]", "glob = seconds (1 to 86400)"),
+    ("rpc", "clock_skew", "-1", "0 to 300"),
+    ("rpc", "clock_skew", "301", "0 to 300"),
+    ("terminal", "start_max_age", "0", "1 to 86400"),
     ("terminal", "shell", "[]", "command line"),
     ("terminal", "shell", '["/bin/sh", 3]', "command line"),
     ("terminal", "shell", '"sh \\"unterminated"', "command line"),
@@ -404,6 +450,8 @@ ENV_ERRORS = [
     ("SPOTFI_RPC_TIMEOUTS", "file.exec=slow", "glob = seconds"),
     ("SPOTFI_RPC_TIMEOUTS", "file.exec=4000", "glob = seconds"),
     ("SPOTFI_RPC_MAX_CONCURRENT", "0", "1 to 64"),
+    ("SPOTFI_RPC_COMPAT", "maybe", "true or false"),
+    ("SPOTFI_RPC_INIT_DIR", "init.d", "an absolute path"),
     ("SPOTFI_TERMINAL_SHELL", 'sh "x', "command line"),
     ("SPOTFI_LOG_LEVEL", "loud", '"debug"'),
 ]
@@ -449,6 +497,74 @@ def test_missing_required_setting(name: str, key: str) -> None:
     message = config_error(None, environ)
     assert message.startswith(f"{key} is not set: expected ")
     assert name in message
+
+
+def test_every_missing_required_setting_is_named_in_one_error() -> None:
+    # one run, every fix: a router owner should not need three restarts to learn three keys
+    message = config_error(None, {})
+    assert message.count("is not set") == 3, message
+    for key, name in (("[router] id", "SPOTFI_ROUTER_ID"), ("[router] token", "SPOTFI_TOKEN"),
+                      ("[mqtt] broker", "SPOTFI_MQTT_BROKER")):
+        assert f"{key} is not set: expected " in message and name in message
+    assert message.endswith("(SPOTFI_ROUTER_ID, SPOTFI_TOKEN, SPOTFI_MQTT_BROKER)")
+
+
+def test_the_set_it_in_hint_names_the_file_given_with_config(tmp_path: Path) -> None:
+    toml = write(tmp_path / "my-bridge.toml", '[router]\nid = "r1"\n')
+    env_file = write(tmp_path / "my.env", "SPOTFI_ROUTER_NAME=lobby\n")
+    message = config_error(toml, {"SPOTFI_ENV_FILE": env_file})
+    assert message.endswith(f"set them in {toml}, {env_file} (SPOTFI_TOKEN, SPOTFI_MQTT_BROKER) "
+                            "or the environment (SPOTFI_TOKEN, SPOTFI_MQTT_BROKER)"), message
+    assert str(config_module.DEFAULT_TOML_PATH) not in message
+
+
+def test_the_broker_error_lists_every_scheme_tls_included() -> None:
+    message = config_error(None, {**BASE_ENV, "SPOTFI_MQTT_BROKER": "gopher://broker"})
+    for scheme in config_module.SCHEMES:
+        assert f"{scheme}://" in message, message
+    assert "tls://" in message
+    assert load_config(None, {**BASE_ENV, "SPOTFI_MQTT_BROKER": "tls://b.example"}).mqtt.broker.tls
+
+
+def test_an_env_file_named_on_purpose_must_exist(tmp_path: Path) -> None:
+    missing = tmp_path / "spotfi.env.typo"
+    message = config_error(None, {**BASE_ENV, "SPOTFI_ENV_FILE": str(missing)})
+    assert message.startswith(f"{missing}: env file not found")
+    # the default file may be absent (a router configured by TOML or environment alone)
+    assert load_config(None, dict(BASE_ENV)).router.id == "router-1"
+    assert load_config(None, {**BASE_ENV, "SPOTFI_ENV_FILE": os.devnull}).sources == ()
+
+
+@pytest.mark.parametrize(("name", "suggestion"), [
+    ("SPOTFI_METRICS_INTERVL", "did you mean SPOTFI_METRICS_INTERVAL?"),
+    ("SPOTFI_ROUTERID", "did you mean SPOTFI_ROUTER_ID?"),
+    ("SPOTFI_RPC_MAX_CONCURRENCY", "did you mean SPOTFI_RPC_MAX_CONCURRENT?"),
+    ("SPOTFI_COLOUR", None),
+])
+def test_an_unknown_spotfi_variable_warns_with_the_closest_key(name: str,
+                                                               suggestion: Optional[str]) -> None:
+    cfg = load_config(None, {**BASE_ENV, name: "15"})
+    [warning] = cfg.warnings
+    assert warning.startswith(f"environment variable {name}: unknown setting, ignored")
+    if suggestion is None:
+        assert "did you mean" not in warning
+    else:
+        assert warning.endswith(f"; {suggestion}")
+    assert cfg.metrics.interval == 30.0  # ignored, not guessed
+
+
+def test_variables_of_ctl_and_the_launcher_are_not_unknown_settings() -> None:
+    cfg = load_config(None, {**BASE_ENV, "SPOTFI_CTL_BROKER": "mqtt://x", "SPOTFI_BRIDGE_LIB": "/x",
+                             "SPOTFI_BRIDGE_PYTHON": "python3", "SPOTFI_CONFIG_DIR": "x"})
+    assert cfg.warnings == ("environment variable SPOTFI_CONFIG_DIR: unknown setting, ignored; "
+                            "did you mean SPOTFI_CONFIG?",)
+
+
+def test_an_unknown_name_in_the_env_file_gets_the_same_hint(tmp_path: Path) -> None:
+    env_file = write(tmp_path / "spotfi.env", "SPOTFI_MQTT_BROKR=mqtt://b\n")
+    cfg = load_config(None, {**BASE_ENV, "SPOTFI_ENV_FILE": env_file})
+    assert cfg.warnings == (f"{env_file}: SPOTFI_MQTT_BROKR: unknown setting, ignored; "
+                            "did you mean SPOTFI_MQTT_BROKER?",)
 
 
 def test_empty_token_is_not_set(tmp_path: Path) -> None:
@@ -632,9 +748,8 @@ def test_connection_settings_change_with_connection_keys(name: str, value: str) 
     assert _settings(**{name: value}) != _settings()
 
 
-def test_connection_settings_with_tls_file(tmp_path: Path) -> None:
-    ca = write(tmp_path / "ca.pem", "pem")
-    assert _settings(SPOTFI_TLS_CA_FILE=ca) != _settings()
+def test_connection_settings_with_tls_file(pem: dict[str, str]) -> None:
+    assert _settings(SPOTFI_TLS_CA_FILE=pem["ca"]) != _settings()
 
 
 def test_config_is_frozen() -> None:

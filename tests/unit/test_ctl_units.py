@@ -298,3 +298,13 @@ def test_watch_screen_renders_status_and_metrics(tmp_path: Path) -> None:
     assert "  activeUsers: 3" in rows
     screen.draw()
     assert out.getvalue().startswith("\x1b[H") and out.getvalue().endswith("\x1b[J")
+
+
+def test_update_takes_a_url_and_a_64_digit_sha256(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(["update", "http://127.0.0.1/p.ipk", "--sha256", "AB" * 32])
+    assert (args.command, args.url, args.sha256) == ("update", "http://127.0.0.1/p.ipk",
+                                                     "ab" * 32)
+    with pytest.raises(SystemExit) as exc:
+        main(["update", "http://127.0.0.1/p.ipk", "--sha256", "abc"])
+    assert exc.value.code == 2
+    assert "expected 64 hexadecimal digits, got 'abc'" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from typing import Optional
 
 import pytest
 
+from tests.helpers.router import RC_COMMON
 from tests.unit.test_packaging import load_builder, shell
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,45 +55,11 @@ procd_kill() { _rec procd_kill "$@"; }
 procd_running() { _rec procd_running "$@"; [ "${STUB_RUNNING:-0}" = 1 ]; }
 """
 
-RC_COMMON = r"""
-# stand-in for /etc/rc.common (procd part), after OpenWrt's
-initscript=$1
-action=${2:-help}
-shift 2
-
-extra_command() { EXTRA_COMMANDS="${EXTRA_COMMANDS} $1"; }
-start_service() { return 0; }
-stop_service() { return 0; }
-service_triggers() { return 0; }
-enable() { echo "rc.common	enable" >> "$STUB_LOG"; }
-disable() { echo "rc.common	disable" >> "$STUB_LOG"; }
-enabled() { [ "${STUB_ENABLED:-0}" = 1 ]; }
-restart() { stop "$@"; start "$@"; }
-
-. "$initscript"
-
-[ -n "$USE_PROCD" ] || { echo "stub rc.common: USE_PROCD not set" >&2; exit 90; }
-. "$STUB_PROCD_SH"
-rc_procd() {
-	procd_open_service "$(basename "$initscript")" "$initscript"
-	"$@"
-	procd_close_service set
-}
-start() { rc_procd start_service "$@"; }
-stop() { stop_service "$@"; procd_kill "$(basename "$initscript")" "$1"; }
-reload() {
-	if type reload_service >/dev/null 2>&1; then reload_service "$@"; else start; fi
-}
-
-case " start stop reload restart enable disable enabled ${EXTRA_COMMANDS} " in
-*" $action "*) ;;
-*) echo "stub rc.common: unknown command $action" >&2; exit 91 ;;
-esac
-$action "$@"
-"""
 
 FAKE_PROG = r"""#!/bin/sh
-# fake spotfi-bridge: check-config answers as FAKE_CHECK_STATUS / FAKE_CHECK_STDERR say
+# spotfi-bridge-python-launcher
+# fake spotfi-bridge, marked as the package's launcher: check-config answers as
+# FAKE_CHECK_STATUS / FAKE_CHECK_STDERR say
 echo "spotfi-bridge	$*" >> "$STUB_LOG"
 if [ "$1" = check-config ]; then
 	[ -n "$FAKE_CHECK_STDERR" ] && printf '%s\n' "$FAKE_CHECK_STDERR" >&2
@@ -180,7 +147,7 @@ def test_start_opens_one_respawning_instance_after_checking_the_config(router: R
     assert run.index("spotfi-bridge", "check-config") < run.index("procd_open_instance")
 
     params = {call[0]: call[1:] for call in run.named("procd_set_param")}
-    assert params["command"] == [str(router.prog), "run"]
+    assert params["command"] == [str(router.prog), "run", "--logd"]  # logd stamps the lines
     threshold, timeout, retry = (int(value) for value in params["respawn"])
     assert threshold > 0 and timeout > 0 and retry > 0  # retry 0 would respawn forever
     assert params["file"] == ["/etc/spotfi/bridge.toml", "/etc/spotfi.env"]
@@ -262,6 +229,63 @@ def test_check_prints_the_config_and_returns_its_status(router: Router) -> None:
     assert bad.status == 78 and CONFIG_ERROR in bad.stderr
 
 
+# --------------------------------------------------------------------------- another bridge
+
+#: what the API's /bridge/update leaves at /usr/bin/spotfi-bridge: the Go bridge's binary
+#: (here a script without the launcher's mark): one ignores its arguments and runs (a
+#: daemon: it would never return from check-config), one refuses them
+IGNORES_ARGS = r"""#!/bin/sh
+echo "gobridge	$*" >> "$STUB_LOG"
+exec sleep 2
+"""
+REFUSES_ARGS = r"""#!/bin/sh
+echo "gobridge	$*" >> "$STUB_LOG"
+[ $# -eq 0 ] && exec sleep 2
+echo "flag provided but not defined: $1" >&2
+exit 2
+"""
+
+
+def _replaced(tmp_path: Path, body: str) -> Router:
+    binary = tmp_path / "go" / "spotfi-bridge"
+    binary.parent.mkdir()
+    binary.write_text(body)
+    binary.chmod(0o755)
+    return Router(tmp_path / "router", prog=binary)
+
+
+@pytest.mark.parametrize("body", [IGNORES_ARGS, REFUSES_ARGS], ids=["ignores", "refuses"])
+def test_a_replaced_binary_starts_like_the_go_bridge(tmp_path: Path, body: str) -> None:
+    router = _replaced(tmp_path, body)
+    run = router.service("start")
+    assert run.status == 0, run.stderr
+    assert run.named("gobridge") == []  # never run with check-config (or anything)
+    assert len(run.named("procd_open_instance")) == 1
+    params = {call[0]: call[1:] for call in run.named("procd_set_param")}
+    assert params["command"] == [str(router.prog)]  # no "run"
+    assert "respawn" in params
+    (logged,) = run.named("logger")
+    assert "not the spotfi-bridge package's launcher" in logged[-1]
+    assert "reinstall the package" in logged[-1]
+
+
+def test_reload_of_a_replaced_binary_starts_it_without_the_gate(tmp_path: Path) -> None:
+    router = _replaced(tmp_path, REFUSES_ARGS)
+    run = router.service("reload", STUB_RUNNING="1")
+    assert run.named("gobridge") == []
+    assert run.named("procd_send_signal") == []
+    params = {call[0]: call[1:] for call in run.named("procd_set_param")}
+    assert params["command"] == [str(router.prog)]
+
+
+def test_check_of_a_replaced_binary_says_so_without_running_it(tmp_path: Path) -> None:
+    router = _replaced(tmp_path, IGNORES_ARGS)
+    run = router.service("check")
+    assert run.status == 1
+    assert run.named("gobridge") == []
+    assert "not this package's launcher" in run.stderr and "reinstall" in run.stderr
+
+
 # --------------------------------------------------------------------------- the real bridge
 
 @pytest.fixture
@@ -292,7 +316,7 @@ def test_init_script_with_the_packaged_launcher(tmp_path: Path, staged: Path) ->
     run = router.service("start", **env)
     assert run.status == 0, run.stderr
     params = {call[0]: call[1:] for call in run.named("procd_set_param")}
-    assert params["command"] == [str(staged / "usr/bin/spotfi-bridge"), "run"]
+    assert params["command"] == [str(staged / "usr/bin/spotfi-bridge"), "run", "--logd"]
     assert run.named("logger") == []
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from typing import Iterator
 
 import pytest
@@ -19,12 +20,13 @@ def stream() -> Iterator[io.StringIO]:
     root = logging.getLogger()
     level = root.level
     out = io.StringIO()
-    logs.setup_logging("debug", [TOKEN], out)
+    logs.setup_logging("debug", [TOKEN], out, timestamps=False)  # as under logd
     yield out
     for handler in list(root.handlers):
         if getattr(handler, "_spotfi", False):
             root.removeHandler(handler)
     logs._filter.set_secrets(())
+    logs._timestamps = True
     root.setLevel(level)
 
 
@@ -105,3 +107,26 @@ def test_empty_and_tiny_secrets_do_not_mangle_logs(stream: io.StringIO) -> None:
 def test_percent_signs_survive_redaction(stream: io.StringIO) -> None:
     logging.getLogger("spotfi_bridge").info("cpu 100%% with %s", TOKEN)
     assert lines(stream) == ["INFO spotfi_bridge: cpu 100% with <redacted>"]
+
+
+STAMP = r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{3} "
+
+
+def test_lines_carry_the_time_when_nothing_downstream_stamps_them(stream: io.StringIO) -> None:
+    # by hand or in the dry run nobody else adds the time; logd (``--logd``) does
+    logs.setup_logging("info", [TOKEN], stream, timestamps=True)
+    logging.getLogger("spotfi_bridge.link").warning("connection lost with %s", TOKEN)
+    [line] = lines(stream)
+    assert re.fullmatch(STAMP + r"WARNING spotfi_bridge\.link: connection lost with <redacted>",
+                        line), line
+
+
+def test_a_reload_keeps_the_choice_made_at_start(stream: io.StringIO) -> None:
+    logs.setup_logging("info", [TOKEN], stream, timestamps=True)
+    logs.setup_logging("info", ["tok-after-sighup"], stream)  # what Daemon.reload calls
+    logging.getLogger("spotfi_bridge").info("reloaded")
+    assert re.fullmatch(STAMP + "INFO spotfi_bridge: reloaded", lines(stream)[0])
+    logs.setup_logging("info", [TOKEN], stream, timestamps=False)
+    logs.setup_logging("info", ["tok-after-sighup"], stream)
+    logging.getLogger("spotfi_bridge").info("reloaded again")
+    assert lines(stream)[1] == "INFO spotfi_bridge: reloaded again"

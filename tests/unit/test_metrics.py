@@ -10,13 +10,23 @@ import asyncio
 import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional, TypeVar
 
 import pytest
 
 from spotfi_bridge import __version__
-from spotfi_bridge.metrics import MetricsCollector, MetricsPublisher, count_uspot_clients
+from spotfi_bridge.metrics import (
+    MetricsCollector,
+    MetricsPublisher,
+    count_uspot_clients,
+    cpu_times,
+    meminfo,
+    net_counters,
+    own_rss,
+)
 
 T = TypeVar("T")
 
@@ -179,6 +189,37 @@ def test_rates_appear_on_the_second_collection() -> None:
     assert is_number(lo["rxRate"]) and lo["rxRate"] >= 0
     assert is_number(lo["txRate"]) and lo["txRate"] >= 0
     assert lo["rxBytes"] >= first["interfaces"]["lo"]["rxBytes"]
+
+
+def test_proc_readings_agree_with_psutil() -> None:
+    """The extensions are read from /proc as psutil reads them (psutil stays for no-ubus)."""
+    import psutil
+
+    counters = net_counters()
+    later = psutil.net_io_counters(pernic=True)
+    assert set(counters) == set(later)
+    for name, (received, sent) in counters.items():
+        assert received <= later[name].bytes_recv and sent <= later[name].bytes_sent
+    busy, total = cpu_times()
+    times = psutil.cpu_times()
+    ps_total = sum(times) - times.guest - times.guest_nice
+    ps_busy = ps_total - times.idle - times.iowait
+    assert busy / total == pytest.approx(ps_busy / ps_total, abs=0.002)
+    memory, virtual = meminfo(), psutil.virtual_memory()
+    assert memory["MemAvailable"] == pytest.approx(virtual.available, abs=64 << 20)
+    assert memory["Cached"] + memory["SReclaimable"] == pytest.approx(virtual.cached, abs=64 << 20)
+    assert own_rss() == pytest.approx(psutil.Process().memory_info().rss, abs=4 << 20)
+
+
+def test_a_router_where_ubus_answers_never_loads_psutil(ubus: FakeUbus) -> None:
+    code = ("import asyncio, sys\n"
+            "from spotfi_bridge.metrics import MetricsCollector\n"
+            "metrics = asyncio.run(MetricsCollector().collect())\n"
+            "assert metrics['uptime'] == '123456' and 'cpuPercent' in metrics, metrics\n"
+            "print('psutil' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    assert out.strip() == "False"
 
 
 # --------------------------------------------------------------------------- ubus

@@ -35,6 +35,7 @@ from spotfi_bridge.config import (
     RpcConfig,
     TerminalConfig,
     TlsConfig,
+    UpdateConfig,
     load_config,
 )
 
@@ -250,9 +251,11 @@ def test_control_fields(ipk: Ipk) -> None:
 
 def test_control_members_and_modes(ipk: Ipk) -> None:
     headers = {h.name: h for h in raw_headers(ipk.control_tar)}
-    assert set(headers) == {"./", "./control", "./conffiles", "./postinst", "./prerm"}
+    assert set(headers) == {"./", "./control", "./conffiles", "./postinst", "./prerm",
+                            "./postrm"}
     assert headers["./"].typeflag == "5"
     assert headers["./postinst"].mode == headers["./prerm"].mode == 0o755
+    assert headers["./postrm"].mode == 0o755
     assert headers["./control"].mode == headers["./conffiles"].mode == 0o644
 
 
@@ -329,7 +332,8 @@ def test_data_layout_and_modes(ipk: Ipk) -> None:
     data = ipk.data()
     lib = "./usr/lib/spotfi-bridge/"
     for name, header in data.items():
-        if header.typeflag == "5" or name.startswith(("./usr/bin/", "./etc/init.d/")):
+        if header.typeflag == "5" or name.startswith(("./usr/bin/", "./etc/init.d/",
+                                                      "./usr/libexec/")):
             assert header.mode == 0o755, name  # directories, launchers, init script
         elif name == "./etc/spotfi/bridge.toml":
             assert header.mode == 0o600, name  # may come to hold the token
@@ -399,7 +403,8 @@ def _value_at(config: Config, section: str, key: str) -> Any:
 
 
 SECTION_CLASSES = {"router": RouterConfig, "mqtt": MqttConfig, "tls": TlsConfig,
-                   "metrics": MetricsConfig, "rpc": RpcConfig, "terminal": TerminalConfig}
+                   "metrics": MetricsConfig, "rpc": RpcConfig, "terminal": TerminalConfig,
+                   "update": UpdateConfig}
 
 
 def _default_of(section: str, key: str) -> Any:
@@ -420,7 +425,7 @@ def test_example_config_names_every_key_with_its_default(tmp_path: Path) -> None
     path = tmp_path / "bridge.toml"
     path.write_text(uncomment(text))
     path.chmod(0o600)
-    config = load_config(str(path), environ={}, env_file=str(tmp_path / "absent.env"))
+    config = load_config(str(path), environ={}, env_file=os.devnull)
     required_or_examples = {("router", "id"), ("router", "token"), ("mqtt", "broker"),
                             ("terminal", "shell")}
     for section, key in sorted(listed - required_or_examples):
@@ -431,10 +436,11 @@ def test_example_config_names_every_key_with_its_default(tmp_path: Path) -> None
 
 def test_scripts_pass_sh_n(ipk: Ipk) -> None:
     scripts = {name: h.data for name, h in ipk.data().items()
-               if name.startswith(("./usr/bin/", "./etc/init.d/")) and h.typeflag == "0"}
+               if name.startswith(("./usr/bin/", "./etc/init.d/", "./usr/libexec/"))
+               and h.typeflag == "0"}
     scripts.update({h.name: h.data for h in raw_headers(ipk.control_tar)
-                    if h.name in ("./postinst", "./prerm")})
-    assert len(scripts) >= 4
+                    if h.name in ("./postinst", "./prerm", "./postrm")})
+    assert len(scripts) >= 5
     for name, body in scripts.items():
         assert body.startswith(b"#!/bin/sh"), name
         result = subprocess.run([*shell(), "-n"], input=body, capture_output=True)
@@ -464,7 +470,7 @@ def marked_root(unpacked: Path, tmp_path: Path) -> Path:
 
 
 def test_launcher_runs_the_packaged_code(marked_root: Path, tmp_path: Path) -> None:
-    result = run_launcher(marked_root, "--version", env_file=tmp_path / "absent.env")
+    result = run_launcher(marked_root, "--version", env_file=Path(os.devnull))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"spotfi-bridge {__version__}+unpacked"
     assert not list(marked_root.rglob("__pycache__"))  # nothing written next to the code

@@ -1,4 +1,4 @@
-"""The wire layer: topics, RPC and x-tunnel parsing/building, against PROTOCOL.md."""
+"""The wire layer: topics, RPC and x-tunnel parsing/building, against docs/PROTOCOL.md."""
 
 from __future__ import annotations
 
@@ -266,7 +266,8 @@ def test_x_round_trips_with_api_builders() -> None:
 def test_compat_x_messages_from_the_api() -> None:
     start = (b'{"type":"x-start","sessionId":"router-1-1700000000000-ab12",'
              b'"responseTopic":"spotfi/api/api-1/x/out","timestamp":"2025-12-19T10:00:00.000Z"}')
-    assert parse_x_message(start) == XStart("router-1-1700000000000-ab12", "spotfi/api/api-1/x/out")
+    assert parse_x_message(start) == XStart("router-1-1700000000000-ab12", "spotfi/api/api-1/x/out",
+                                            sent_at=1766138400.0)
     stop = b'{"type":"x-stop","sessionId":"s","timestamp":"2025-12-19T10:00:00.000Z"}'
     assert parse_x_message(stop) == XStop("s")
 

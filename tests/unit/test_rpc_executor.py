@@ -11,6 +11,7 @@ from typing import Any, Optional
 import pytest
 
 from spotfi_bridge.config import RpcConfig
+from spotfi_bridge.freshness import Freshness
 from spotfi_bridge.protocol import api_rpc_request
 from spotfi_bridge.rpc import LocalBackend, RpcExecutor, UbusBackend
 from spotfi_bridge.rpc.backend import Call, Outcome
@@ -258,11 +259,17 @@ def test_dedup_table_is_bounded_and_never_runs_an_answered_id_twice() -> None:
 # --------------------------------------------------------------------------- expiry
 
 
+def fresh_ping() -> bytes:
+    """A live request stamped now, as the API sends them: it shows the clock agrees."""
+    return request(f"cmd_{int(time.time() * 1000)}_test_1")
+
+
 def test_expired_requests_are_answered_and_not_run(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     touch = {"command": "/bin/sh", "params": ["-c", f"echo ran >> {marker}"]}
     now = datetime.now(timezone.utc)
     collector, counters = exchange([
+        fresh_ping(),  # the router's clock agrees with the API's: it is trusted
         request("old", "file", "exec", touch, timestamp=iso(now - timedelta(minutes=10))),
         request("late", "file", "exec", touch, expiresAt=iso(now - timedelta(seconds=5))),
         request("fresh", "file", "exec", touch, timestamp=iso(now - timedelta(seconds=5)),
@@ -277,9 +284,13 @@ def test_expired_requests_are_answered_and_not_run(tmp_path: Path) -> None:
 
 def test_max_age_is_configurable() -> None:
     stamp = iso(datetime.now(timezone.utc) - timedelta(seconds=30))
-    collector, _ = exchange([request("a", timestamp=stamp)], config=RpcConfig(max_age=10))
+    collector, _ = exchange([fresh_ping(), request("a", timestamp=stamp)],
+                            config=RpcConfig(max_age=10))
     assert collector.reply("a")["error"] == "expired"
-    collector, _ = exchange([request("a", timestamp=stamp)], config=RpcConfig(max_age=60))
+    assert collector.reply("a")["result"]["maxAge"] == 10
+    assert 29 < collector.reply("a")["result"]["age"] < 60
+    collector, _ = exchange([fresh_ping(), request("a", timestamp=stamp)],
+                            config=RpcConfig(max_age=60))
     assert collector.reply("a")["status"] == "success"
 
 
@@ -289,8 +300,11 @@ def test_a_request_that_expires_while_queued_is_not_run(fake_ubus: Path) -> None
     config = RpcConfig(max_concurrent=1)
 
     async def body() -> dict[str, int]:
+        start = now[0]  # the wall and monotonic clocks advance together: no clock step
+        clock = Freshness(config.clock_skew, wall=lambda: now[0],
+                          monotonic=lambda: time.monotonic() + now[0] - start)
         executor = RpcExecutor(config, collector, TOPIC, UbusBackend(config, str(fake_ubus)),
-                               clock=lambda: now[0])
+                               freshness=clock)
         executor.handle(request("first", "slow", "short"))
         executor.handle(request("queued", "system", "info",
                                 timestamp=iso(datetime.fromtimestamp(now[0], timezone.utc))))
@@ -339,6 +353,27 @@ def test_deny_and_allow_patterns() -> None:
     assert collector.reply("board")["status"] == "success"
     assert collector.reply("ping")["status"] == "success"
     assert counters["denied"] == 2
+
+
+def test_bridge_update_runs_as_a_job_and_only_if_an_allow_list_names_it() -> None:
+    calls: list[tuple[dict[str, Any], float]] = []
+
+    async def update(args: Any, timeout: float) -> Outcome:
+        calls.append((dict(args), timeout))
+        return Outcome(result={"accepted": True, "id": "upd-1"}, exit_code=0)
+
+    args = {"url": "http://127.0.0.1/p.ipk", "sha256": "0" * 64}
+    collector, _ = exchange([request("u", "bridge", "update", args)], update=update)
+    assert collector.reply("u")["result"] == {"accepted": True, "id": "upd-1"}
+    assert calls == [(args, 30.0)]
+    collector, counters = exchange([request("u", "bridge", "update", args), request("p")],
+                                   config=RpcConfig(allow=("system.*",)), update=update)
+    assert collector.reply("u")["error"] == "denied by policy: bridge.update"
+    assert counters["denied"] == 1
+    assert collector.reply("p")["status"] == "success" and len(calls) == 1
+    collector, _ = exchange([request("u", "bridge", "update", args)],
+                            config=RpcConfig(allow=("bridge.update",)), update=update)
+    assert collector.reply("u")["status"] == "success" and len(calls) == 2
 
 
 def test_deny_applies_to_the_bridge_object_when_named() -> None:

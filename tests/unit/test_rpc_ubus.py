@@ -12,7 +12,8 @@ import pytest
 from spotfi_bridge.config import RpcConfig
 from spotfi_bridge.protocol import api_rpc_request
 from spotfi_bridge.rpc import LocalBackend, RpcExecutor, UbusBackend, make_backend
-from spotfi_bridge.rpc.backend import Call
+from spotfi_bridge.rpc.backend import Call, ubus_status_text
+from spotfi_bridge.rpc.child import MAX_ARG_STRLEN
 from tests.helpers.fake_ubus import SYSTEM_INFO, Collector, process_gone, run, write_fake_ubus
 from tests.helpers.wait import wait_for
 
@@ -100,6 +101,7 @@ def test_stderr_kept_on_success(fake_ubus: Path) -> None:
     ("system", "nosuchmethod", "Method not found", 3),
     ("fail", "invalid", "Invalid argument", 2),
     ("fail", "weird", "ubus failed with exit status 42", 42),
+    ("fail", "unreachable", "Failed to connect to ubus or to parse message data", 255),
 ])
 def test_exit_codes_map_to_ubus_errors(fake_ubus: Path, path: str, method: str, error: str,
                                        code: int) -> None:
@@ -119,9 +121,42 @@ def test_failure_with_output_keeps_the_output(fake_ubus: Path) -> None:
     assert reply["error"] == "Unknown error" and reply["result"] == {"partial": True}
 
 
-def test_ubus_own_timeout_is_reported_as_a_timeout(fake_ubus: Path) -> None:
-    reply = one(fake_ubus, "fail", "timeout", timeout=5000)
-    assert reply["error"] == "timeout after 5 s" and reply["exitCode"] == 7
+def test_ubus_own_timeout_is_reported_in_ubus_words_not_as_ours(fake_ubus: Path) -> None:
+    collector, counters = call_all(fake_ubus, [("t", "fail", "timeout", {}, {"timeout": 5000})])
+    reply = collector.reply("t")
+    assert reply["error"] == "Request timed out" and reply["exitCode"] == 7
+    assert counters["timeouts"] == 1
+
+
+def test_death_by_signal_has_no_exit_status(fake_ubus: Path) -> None:
+    reply = one(fake_ubus, "fail", "killed")
+    assert reply["error"] == "ubus killed by signal 15 (SIGTERM)"
+    assert reply["signal"] == 15 and "exitCode" not in reply
+
+
+def test_every_ubus_status_has_its_libubus_words() -> None:
+    words = [ubus_status_text(status) for status in range(1, 11)]
+    assert words == ["Invalid command", "Invalid argument", "Method not found", "Not found",
+                     "No response", "Permission denied", "Request timed out",
+                     "Operation not supported", "Unknown error", "Connection failed"]
+    assert ubus_status_text(None) == "ubus ended without an exit status"
+    assert ubus_status_text(-1) == "ubus failed with exit status -1"
+
+
+def test_args_over_the_kernel_argument_limit_never_exec(fake_ubus: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("FAKE_UBUS_RUNS", str(runs))
+    fits = {"data": "x" * (MAX_ARG_STRLEN - 1 - len('{"data":""}'))}
+    too_big = {"data": "x" * (MAX_ARG_STRLEN - len('{"data":""}'))}
+    collector, _ = call_all(fake_ubus, [("fits", "echo", "empty", fits, {}),
+                                        ("big", "echo", "empty", too_big, {})])
+    assert collector.reply("fits")["status"] == "success"
+    reply = collector.reply("big")
+    assert reply["error"] == ("args (as JSON) too large for ubus: 131072 bytes, over the kernel's "
+                              "limit of 131071 bytes for one command-line argument "
+                              "(MAX_ARG_STRLEN); not run")
+    assert runs.read_text().splitlines() == ["echo empty"]  # only the one that fits ran
 
 
 def test_slow_call_is_killed_at_the_timeout(fake_ubus: Path) -> None:

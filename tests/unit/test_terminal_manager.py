@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
+import time
 from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable, Optional
 
@@ -22,9 +25,11 @@ import pytest
 
 from spotfi_bridge import protocol
 from spotfi_bridge.config import TerminalConfig
+from spotfi_bridge.freshness import Delivery, Freshness
 from spotfi_bridge.protocol import Topics
 from spotfi_bridge.publish import OnSent
 from spotfi_bridge.terminal import SessionManager
+from tests.fuzz.procfs import alive, comm
 from tests.helpers.wait import until
 
 ROUTER = "r1"
@@ -482,18 +487,54 @@ def test_stop_kills_a_shell_that_ignores_sighup() -> None:
     run(body)
 
 
-def test_idle_timeout_ends_quiet_sessions_only() -> None:
+def test_without_pidfd_a_job_that_ignores_sighup_still_ends(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel older than 5.3 (no pidfd): polls instead of pidfds, the same outcome."""
+    def no_pidfd(pid: int, flags: int = 0) -> int:
+        raise OSError(errno.ENOSYS, "pidfd_open")
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+
+    async def body() -> None:
+        manager, link = new_manager(replace(CONFIG, shell=("/bin/sh", "-i")), kill_grace=0.3)
+        await start(manager, link, "old-kernel")
+        send(manager, "old-kernel", b"sh -c 'trap \"\" HUP; exec sleep 1001' & "
+                                    b"echo \"job=$!\"\n")
+        found = await until(lambda: re.search(rb"job=(\d+)", link.output("old-kernel")),
+                            "the job's pid")
+        job = int(found.group(1))
+        shell = session_info(manager, "old-kernel")["pid"]
+        try:
+            await until(lambda: comm(job) == "sleep" and os.getpgid(job) == job, "job running")
+            manager.handle(protocol.api_x_stop("old-kernel"))
+            await until(lambda: not alive(job) and gone(shell), "job and shell gone")
+            await until(lambda: manager.counters()["closing"] == 0, "session closed")
+            assert not my_zombies()
+        finally:
+            if alive(job) and os.getsid(job) == shell:
+                os.kill(job, signal.SIGKILL)
+    run(body)
+
+
+def test_idle_timeout_counts_keystrokes_not_output() -> None:
+    """An orphaned session that keeps printing ends; one somebody types into stays."""
     async def body() -> None:
         manager, link = new_manager(replace(CONFIG, idle_timeout=1.0))
-        await start(manager, link, "quiet")
-        await start(manager, link, "printer")
+        for session_id in ("quiet", "printer", "typist"):
+            await start(manager, link, session_id)
         send(manager, "printer", b"while :; do echo tick; sleep 0.05; done\n")
         error = await link.wait_x("quiet", "x-error", timeout=10)
         assert error["reason"] == "idle" and "idle" in error["error"]
-        # the printing session started at the same time is still open
-        assert [s["id"] for s in manager.sessions()] == ["printer"]
-        assert not link.of("printer", "x-error")
-        assert manager.counters()["idle_closed"] == 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while not link.of("printer", "x-error") and loop.time() < deadline:
+            send(manager, "typist", b"\n")  # somebody at the keyboard, every 0.2 s
+            await asyncio.sleep(0.2)
+        error = await link.wait_x("printer", "x-error", timeout=1)
+        assert error["reason"] == "idle" and error["idleTimeout"] == 1.0
+        assert link.output("printer").count(b"tick") > 10  # it printed all along
+        assert [s["id"] for s in manager.sessions()] == ["typist"]
+        assert not link.of("typist", "x-error")
+        assert manager.counters()["idle_closed"] == 2
         await manager.shutdown()
     run(body)
 
@@ -800,5 +841,30 @@ def test_output_without_subscriber_ends_only_that_topics_sessions() -> None:
         assert error["reason"] == "no-subscriber", error
         assert not link.of("read", "x-error") and len(manager) == 1
         assert manager.counters()["no_subscriber_closed"] == 1
+        await manager.shutdown()
+    run(body)
+
+
+# --------------------------------------------------------------------------- stale x-start
+
+
+def test_a_stale_x_start_opens_nothing_a_fresh_one_opens() -> None:
+    async def body() -> None:
+        freshness = Freshness(5.0)
+        manager, link = new_manager(freshness=freshness)
+        now_ms = int(time.time() * 1000)
+        # epoch ms (the API's x-start may carry either): the clock agrees, so it is trusted
+        await start(manager, link, "fresh", timestamp=now_ms)
+        assert freshness.trusted()
+        manager.handle(protocol.api_x_start("stale", "spotfi/api/i1/x/out",
+                                            timestamp="2025-12-19T10:00:00.000Z"))
+        error = await link.wait_x("stale", "x-error")
+        assert error["reason"] == "expired" and error["age"] > 3600 and error["maxAge"] == 30
+        assert manager.counters()["expired"] == 1 and len(manager) == 1
+        assert [s["id"] for s in manager.sessions()] == ["fresh"]
+        # queued by the broker during an outage of unknown length, untrusted: refused too
+        manager.handle(protocol.api_x_start("queued", "spotfi/api/i1/x/out"),
+                       Delivery(queued=True, outage=None))
+        assert (await link.wait_x("queued", "x-error"))["reason"] == "expired"
         await manager.shutdown()
     run(body)
