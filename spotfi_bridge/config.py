@@ -72,6 +72,7 @@ class MqttConfig:
     max_inbound_bytes: int = 1024 * 1024
     outbox_max_messages: int = 1000
     outbox_max_bytes: int = 8 * 1024 * 1024
+    bulk_window_bytes: int = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,8 @@ class TerminalConfig:
     batch_bytes: int = 32 * 1024
     batch_delay_ms: float = 3.0
     outbox_bytes: int = 1024 * 1024
-    qos: int = 1
+    qos: int = 2
+    no_subscriber_timeout: float = 60.0
     #: an ``x-start`` older than this (by its ``timestamp``) opens nothing
     start_max_age: float = 30.0
 
@@ -326,6 +328,8 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "outbox_max_messages": _Key("an integer from 10 to 1000000", _number(10, 1e6, True)),
         "outbox_max_bytes": _Key("an integer from 65536 to 1073741824",
                                  _number(65536, 1 << 30, True)),
+        "bulk_window_bytes": _Key("an integer from 4096 to 16777216 (bytes)",
+                                  _number(4096, 16 << 20, True)),
     },
     "tls": {
         "ca_file": _Key("a path to a PEM file", _string),
@@ -368,7 +372,8 @@ SCHEMA: dict[str, dict[str, _Key]] = {
         "batch_bytes": _Key("an integer from 512 to 1048576", _number(512, 1 << 20, True)),
         "batch_delay_ms": _Key("a number from 0 to 1000", _number(0, 1000)),
         "outbox_bytes": _Key("an integer from 65536 to 67108864", _number(65536, 64 << 20, True)),
-        "qos": _Key("0 or 1", _number(0, 1, True)),
+        "qos": _Key("0, 1 or 2", _number(0, 2, True)),
+        "no_subscriber_timeout": _Key("a number from 1 to 86400 (seconds)", _number(1, 86400)),
         "start_max_age": _Key("a number from 1 to 86400 (seconds)", _number(1, 86400)),
     },
     "update": {

@@ -68,7 +68,8 @@ class Daemon:
         config = self.config
         self.topics = Topics(config.router.id)
         self.freshness = Freshness(config.rpc.clock_skew, wall=_wall_clock())
-        self.link = MqttLink(config, self._dispatch, on_connected=self._on_connected)
+        self.link = MqttLink(config, self._dispatch, on_connected=self._on_connected,
+                             on_subscribers=self._on_subscribers)
         self.updater = Updater(config.update, UpdatePaths.from_environ(os.environ))
         self._build_workers(config)
         self.collector = MetricsCollector(extra=self._metrics_extra)
@@ -180,6 +181,9 @@ class Daemon:
     def _on_connected(self) -> None:
         self.updater.mark_connected()
         self.metrics.on_connected()
+
+    def _on_subscribers(self, topic: str, present: bool) -> None:
+        self.terminal.subscribers(topic, present)
 
     def _publish_metrics(self, payload: bytes) -> bool:
         return self.link.publish(self.topics.metrics, payload, qos=self.config.metrics.qos)

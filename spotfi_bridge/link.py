@@ -10,6 +10,16 @@ loop thread leaves paho alone and publishes wait in the link's own backlog.
 Presence: Last Will ``OFFLINE`` (retained, QoS 1); retained ``ONLINE`` after every
 successful connect; subscriptions restored every time; clean session off.
 
+Delivery: the outbox has two lanes. Control (status, metrics, RPC replies: the
+router's own topics) goes to paho at once; bulk (terminal traffic, on the sessions'
+response topics) goes only while the bulk bytes paho holds unacknowledged stay under
+``[mqtt] bulk_window_bytes``, so a heartbeat or a reply waits behind at most that
+much output. One paho client lives as long as the connection settings: after a cut
+it resends what the broker has not acknowledged with the same packet ids, which at
+QoS 2 (terminal output) the broker recognises, so nothing is forwarded twice. A
+reload that must reconnect first lets the broker acknowledge what is in flight, then
+sends DISCONNECT (no Will, so no OFFLINE) before the new client connects.
+
 Inbound: retained messages never reach the handler (a retained command would run at
 every start); each message goes with a :class:`~spotfi_bridge.freshness.Delivery`
 saying whether it came live or from the queue the broker kept during an outage, and
@@ -43,14 +53,35 @@ log = logging.getLogger("spotfi_bridge.link")
 #: (topic, payload, how it was delivered); retained messages never reach it.
 MessageHandler = Callable[[str, bytes, Delivery], None]
 
+#: ``(topic, present)``: MQTT 5 only, whether the broker found a subscriber for terminal
+#: output on ``topic``: each acknowledgement saying "no matching subscribers", and the
+#: first one after those that does not.
+SubscribersHandler = Callable[[str, bool], None]
+
 #: Recent inbound QoS 1 deliveries remembered to recognise the broker's resends.
 RECENT_INBOUND = 1024
 
 #: For this long after the link went down, retry at ``backoff_min``; exponential after.
 QUICK_RETRY_WINDOW = 10.0
 
+#: While disconnected, an info line at least this often says the link is still trying.
+PROGRESS_LOG_INTERVAL = 60.0
+
+#: A refused token is not fixed in seconds: its retries back off from here, with no
+#: quick-retry window (a reload with a new token reconnects at once anyway).
+AUTH_RETRY_MIN = 5.0
+
 #: Messages paho may have on the wire unacknowledged; more wait, in order, inside paho.
-MAX_INFLIGHT = 100
+#: Mosquitto's default ``max_inflight_messages`` is 20, and beyond it Mosquitto 2.0
+#: answers a QoS 2 PUBLISH with PUBREC and drops it (400 of 2,000 delivered in a test):
+#: never more than 20.
+MAX_INFLIGHT = 20
+
+#: Of those, bulk messages take at most this many, so control ones never queue in paho.
+BULK_INFLIGHT_MESSAGES = 16
+
+#: A reload that reconnects waits this long for the broker to acknowledge what is in flight.
+RELOAD_DRAIN_TIMEOUT = 5.0
 
 #: Every counter ``bridge info`` shows under ``link``, zeros included: a counter that appears
 #: only once it moved cannot be told apart from one that does not exist.
@@ -59,7 +90,8 @@ COUNTER_NAMES = (
     "disconnects", "socket_errors", "published", "received", "inbound_redelivered",
     "inbound_oversized", "inbound_queued", "inbound_retained", "handler_errors",
     "outbox_refused", "dropped_qos0", "dropped_send_error", "dropped_invalid_topic",
-    "dropped_at_close",
+    "dropped_at_close", "outbox_refused_control", "resent_unacknowledged",
+    "acked_no_subscriber",
 )
 
 
@@ -82,6 +114,19 @@ class _Outgoing:
     qos: int
     retain: bool
     on_sent: Optional[OnSent]
+    bulk: bool = False
+
+
+class _Lane:
+    """Messages accepted but not yet handed to paho, with their totals for the limits."""
+
+    def __init__(self) -> None:
+        self.waiting: collections.deque[_Outgoing] = collections.deque()
+        self.messages = 0  # accepted and not yet completed, waiting or in flight
+        self.bytes = 0
+
+    def full(self, size: int, max_messages: int, max_bytes: int) -> bool:
+        return self.messages >= max_messages or self.bytes + size > max_bytes
 
 
 class LinkClosed(Exception):
@@ -97,11 +142,14 @@ class MqttLink:
         on_message: MessageHandler,
         on_connected: Optional[Callable[[], None]] = None,
         subscriptions: Optional[list[tuple[str, int]]] = None,
+        on_subscribers: Optional[SubscribersHandler] = None,
     ) -> None:
         self._config = config
         self._topics = Topics(config.router.id)
         self._on_message_handler = on_message
         self._on_connected = on_connected
+        self._on_subscribers = on_subscribers
+        self._unread_topics: set[str] = set()  # last acknowledged with "no subscribers"
         self._subscriptions = subscriptions if subscriptions is not None else [
             (self._topics.rpc_request, 1), (self._topics.x_in, 1)]
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -132,14 +180,21 @@ class MqttLink:
         self._retained_logged: set[tuple[str, int]] = set()
         self._refused_streak = False
         self._failure_streak = 0
-        # outbox: accepted but not yet sent (backlog) or not yet acknowledged (inflight)
-        self._backlog: collections.deque[_Outgoing] = collections.deque()
+        self._last_error = ""
+        self._progress_logged_at = 0.0  # when a line last said how connecting goes
+        # outbox: accepted but not yet handed to paho (each lane's waiting queue) or not
+        # yet acknowledged (inflight); terminal output never fills the control lane
+        self._control = _Lane()
+        self._bulk = _Lane()
+        self._bulk_inflight_bytes = 0
+        self._bulk_inflight = 0
+        self._pumping = False
+        self._drained: Optional[asyncio.Event] = None  # set while a reload waits for acks
+        self._emptied: Optional[asyncio.Event] = None  # set while close() waits for a flush
         self._inflight: dict[int, _Outgoing] = {}
         self._early_acks: set[int] = set()
         self._recent_inbound: collections.OrderedDict[tuple[int, int, int], None] = \
             collections.OrderedDict()
-        self._pending_msgs = 0
-        self._pending_bytes = 0
         self._drop_logged_at = 0.0
         self._invalid_logged_at = 0.0
         # the next attempt goes out at once: a stable connection just ended, or the
@@ -160,12 +215,29 @@ class MqttLink:
     def counters(self) -> dict[str, Any]:
         data: dict[str, Any] = dict(self.stats)
         data.update(connected=self._connected, outbox_messages=self._pending_msgs,
-                    outbox_bytes=self._pending_bytes, backlog=len(self._backlog))
+                    outbox_bytes=self._pending_bytes,
+                    backlog=len(self._control.waiting) + len(self._bulk.waiting),
+                    outbox_bulk_messages=self._bulk.messages,
+                    outbox_bulk_bytes=self._bulk.bytes,
+                    bulk_inflight_bytes=self._bulk_inflight_bytes)
         if self._connected:
             data["connected_for"] = round(time.monotonic() - self._connected_since, 1)
         if self._last_outage is not None:
             data["last_outage"] = round(self._last_outage, 1)
         return data
+
+    @property
+    def _pending_msgs(self) -> int:
+        return self._control.messages + self._bulk.messages
+
+    @property
+    def _pending_bytes(self) -> int:
+        return self._control.bytes + self._bulk.bytes
+
+    def _is_bulk(self, topic: str) -> bool:
+        """Terminal traffic is bulk: every topic but the router's own control topics."""
+        topics = self._topics
+        return topic not in (topics.status, topics.metrics, topics.rpc_response)
 
     async def wait_connected(self, timeout: Optional[float] = None) -> bool:
         try:
@@ -188,9 +260,12 @@ class MqttLink:
             return True
         mqtt = self._config.mqtt
         size = len(payload)
-        if (self._pending_msgs >= mqtt.outbox_max_messages
-                or self._pending_bytes + size > mqtt.outbox_max_bytes):
+        bulk = self._is_bulk(topic)
+        lane = self._bulk if bulk else self._control
+        if lane.full(size, mqtt.outbox_max_messages, mqtt.outbox_max_bytes):
             self.stats["outbox_refused"] += 1
+            if not bulk:
+                self.stats["outbox_refused_control"] += 1
             now = time.monotonic()
             if now - self._drop_logged_at > 10:
                 self._drop_logged_at = now
@@ -198,14 +273,28 @@ class MqttLink:
                             "(%d refused so far)", self._pending_msgs, self._pending_bytes, topic,
                             self.stats["outbox_refused"])
             return False
-        self._pending_msgs += 1
-        self._pending_bytes += size
-        entry = _Outgoing(topic, payload, qos, retain, on_sent)
-        if self._connected and not self._backlog:
-            self._send(entry)
-        else:
-            self._backlog.append(entry)
+        lane.messages += 1
+        lane.bytes += size
+        lane.waiting.append(_Outgoing(topic, payload, qos, retain, on_sent, bulk))
+        self._pump()
         return True
+
+    def _pump(self) -> None:
+        """Hand waiting messages to paho: all control ones, bulk ones within the window."""
+        if self._pumping:
+            return  # an on_sent callback published: the loop below picks it up
+        self._pumping = True
+        window = self._config.mqtt.bulk_window_bytes
+        try:
+            while self._connected and self._drained is None:
+                if self._control.waiting:
+                    self._send(self._control.waiting.popleft())
+                elif self._bulk.waiting and self._bulk_fits(window):
+                    self._send(self._bulk.waiting.popleft())
+                else:
+                    break
+        finally:
+            self._pumping = False
 
     def _give_up_invalid(self, topic: str, problem: str, on_sent: Optional[OnSent]) -> None:
         self.stats["dropped_invalid_topic"] += 1
@@ -220,8 +309,19 @@ class MqttLink:
             else:
                 _call_safely(on_sent)
 
+    def _bulk_fits(self, window: int) -> bool:
+        """Whether the next bulk message stays within the window (one always may go)."""
+        if not self._bulk_inflight:
+            return True
+        return (self._bulk_inflight < BULK_INFLIGHT_MESSAGES and self._bulk_inflight_bytes
+                + len(self._bulk.waiting[0].payload) <= window)
+
     def reconfigure(self, config: Config) -> bool:
-        """Apply a reloaded config; returns True when a new connection is needed."""
+        """Apply a reloaded config; returns True when a new connection is needed.
+
+        The new connection is made once the broker has acknowledged what is in flight
+        (bounded by :data:`RELOAD_DRAIN_TIMEOUT`) and the old one ended with DISCONNECT:
+        nothing is sent twice, and the broker drops the Will, so no OFFLINE goes out."""
         reconnect = config.connection_settings() != self._config.connection_settings()
         self._config = config
         if reconnect:
@@ -230,12 +330,40 @@ class MqttLink:
             self._topics = Topics(config.router.id)
             if old_topics != self._topics:
                 self._subscriptions = [(self._topics.rpc_request, 1), (self._topics.x_in, 1)]
-            self._requeue_inflight()
-            self._drop_client()
-            self._attempt = 0
-            self._reconnect_now = True
-            self._wake.set()
+            if self._connected and self._client is not None and self._loop is not None:
+                if self._drained is None:
+                    self._drained = asyncio.Event()
+                    self._loop.create_task(self._drain_then_switch(self._client))
+            else:
+                self._switch_client()
         return reconnect
+
+    async def _drain_then_switch(self, client: paho.Client) -> None:
+        drained = self._drained
+        assert drained is not None
+        if self._inflight:
+            try:
+                await asyncio.wait_for(drained.wait(), RELOAD_DRAIN_TIMEOUT)
+            except asyncio.TimeoutError:
+                pass
+        if self._drained is not drained:
+            return  # close() took over: this connection is the last one
+        self._drained = None
+        if not self._is_current(client) or self._closing:
+            return
+        if self._connected:
+            client.on_disconnect = None
+            client.disconnect()  # the broker drops the Will: no OFFLINE between the two
+            self._paho(client.loop_write, client, flush=False)
+        self._switch_client()
+
+    def _switch_client(self) -> None:
+        """Start over with a client made from the current settings."""
+        self._requeue_inflight()
+        self._drop_client()
+        self._attempt = 0
+        self._reconnect_now = True
+        self._wake.set()
 
     async def run(self) -> None:
         """Connect, and reconnect with backoff, until :meth:`close`."""
@@ -266,14 +394,30 @@ class MqttLink:
                 pass
 
     async def close(self, flush_timeout: float = 1.5) -> None:
-        """Publish OFFLINE (retained), flush what is queued (bounded), disconnect."""
+        """Flush what is queued, then OFFLINE (retained), all bounded; disconnect.
+
+        OFFLINE is a control message and would overtake terminal output: it waits until
+        the sessions' last output and x-error went out, or half the time ran out."""
         if self._closing:
             return
+        drained, self._drained = self._drained, None
+        if drained is not None:  # a reload was waiting to reconnect: this connection is the last
+            drained.set()
+            self._pump()
         if self._connected and self._client is not None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + flush_timeout
+            if self._pending_msgs:
+                self._emptied = asyncio.Event()
+                try:
+                    await asyncio.wait_for(self._emptied.wait(), flush_timeout / 2)
+                except asyncio.TimeoutError:
+                    pass
+                self._emptied = None
             done = asyncio.Event()
             self.publish(self._topics.status, STATUS_OFFLINE, 1, True, done.set)
             try:
-                await asyncio.wait_for(done.wait(), flush_timeout)
+                await asyncio.wait_for(done.wait(), max(0.05, deadline - loop.time()))
             except asyncio.TimeoutError:
                 log.warning("shutdown: %d messages still unsent after %.1f s",
                             self._pending_msgs, flush_timeout)
@@ -316,6 +460,8 @@ class MqttLink:
                                    on_message=None, on_publish=self._on_publish)
         client.on_message = self._on_paho_message  # it needs the DUP flag and the packet id
         client.on_subscribe = self._on_paho_subscribe  # (client, userdata, mid, ...) in every paho
+        if cfg.mqtt.protocol == "5":
+            mqtt_compat.watch_publish_acks(client, self._on_publish_ack)
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_socket_register_write
@@ -359,6 +505,7 @@ class MqttLink:
         self._unwatch_socket()
         self._connecting = True
         self.stats["connect_attempts"] += 1
+        mqtt_compat.keep_release_state(client)
         try:
             await self._loop.run_in_executor(self._executor, client.reconnect)
         except Exception as exc:
@@ -390,9 +537,12 @@ class MqttLink:
     def _connect_failed(self, reason: str) -> None:
         self.stats["connect_failures"] += 1
         self._failure_streak += 1
-        level = logging.WARNING if self._failure_streak == 1 or \
-            self._failure_streak % 10 == 0 else logging.DEBUG
-        log.log(level, "%s (attempt %d)", reason, self._failure_streak)
+        self._last_error = reason
+        if self._failure_streak == 1:
+            log.warning("%s (attempt 1)", reason)
+            self._progress_logged_at = time.monotonic()
+        else:
+            log.debug("%s (attempt %d)", reason, self._failure_streak)
         self._wake.set()
 
     def _next_delay(self) -> float:
@@ -400,7 +550,11 @@ class MqttLink:
         now = time.monotonic()
         if self._down_since is None:
             self._down_since = now
-        if now - self._down_since < QUICK_RETRY_WINDOW:
+        if self._refused_streak:
+            first = max(AUTH_RETRY_MIN, mqtt.backoff_min)
+            base = min(mqtt.backoff_max, first * (2 ** min(self._attempt, 16)))
+            self._attempt += 1
+        elif now - self._down_since < QUICK_RETRY_WINDOW:
             # a broker restart or a WAN flap is over in seconds: retry fast at first
             base = mqtt.backoff_min
         else:
@@ -408,6 +562,13 @@ class MqttLink:
             self._attempt += 1
         delay: float = base * random.uniform(0.5, 1.0)
         log.debug("reconnecting in %.2f s", delay)
+        # the line after the next attempt might come too late: say now that it goes on
+        if self._failure_streak and (now + delay + mqtt.connect_timeout
+                                     - self._progress_logged_at >= PROGRESS_LOG_INTERVAL):
+            self._progress_logged_at = now
+            log.info("still not connected to %s:%d after %d attempts (last error: %s); "
+                     "next attempt in %.0f s", mqtt.broker.host, mqtt.broker.port,
+                     self._failure_streak, self._last_error, delay)
         return delay
 
     def _on_connect(self, result: mqtt_compat.ConnectResult) -> None:
@@ -421,10 +582,13 @@ class MqttLink:
             self.stats["connect_refused"] += 1
             if result.auth_refused:
                 self.stats["auth_refused"] += 1
+                self._last_error = f"bad token ({result.reason})"
                 if not self._refused_streak:
-                    log.error("broker refused router id %s: bad token (%s)", cfg.router.id,
-                              result.reason)
+                    log.error("broker refused router id %s: %s", cfg.router.id,
+                              self._last_error)
                     self._refused_streak = True
+                    self._attempt = 0
+                    self._progress_logged_at = time.monotonic()
                 self._failure_streak += 1
                 self._wake.set()
             else:
@@ -450,8 +614,8 @@ class MqttLink:
         mids = {mqtt_compat.subscribe_mid(client.subscribe(topic, qos))
                 for topic, qos in self._subscriptions}
         self._start_catch_up(result.session_present, mids)
-        self._pending_msgs += 1
-        self._pending_bytes += len(STATUS_ONLINE)
+        self._control.messages += 1
+        self._control.bytes += len(STATUS_ONLINE)
         self._send(_Outgoing(self._topics.status, STATUS_ONLINE, 1, True, None))
         # after paho has re-queued its unacknowledged messages (it does so when this
         # callback returns), so that what waited in the backlog goes out after them
@@ -461,8 +625,7 @@ class MqttLink:
         if client is not self._client or not self._connected:
             return
         self._connected_event.set()
-        while self._backlog and self._connected:
-            self._send(self._backlog.popleft())
+        self._pump()
         self._schedule_misc()
         if self._on_connected is not None:
             try:
@@ -494,6 +657,8 @@ class MqttLink:
             self._connect_failed("the broker closed the connection before its CONNACK")
         if was_connected or was_handshake:
             self._wake.set()
+        if self._drained is not None:
+            self._drained.set()  # a reload waiting for acknowledgements: they will not come
 
     def _fail_unreliable(self) -> None:
         """QoS 0 messages die with the connection: count them and release their owners."""
@@ -505,16 +670,30 @@ class MqttLink:
             log.warning("%d QoS 0 messages were lost with the connection", len(lost))
 
     def _requeue_inflight(self) -> None:
-        """A new client does not know the old one's unacknowledged messages: resend them."""
+        """A new client does not know the old one's unacknowledged messages: resend them.
+
+        The broker may already have some of them (the reload could not wait for their
+        acknowledgement): those are counted as ``resent_unacknowledged``."""
         entries = [e for e in self._inflight.values() if e.qos > 0]
         self._inflight = {mid: e for mid, e in self._inflight.items() if e.qos == 0}
-        self._backlog.extendleft(reversed(entries))
+        if entries:
+            self.stats["resent_unacknowledged"] += len(entries)
+            log.warning("%d messages the broker had not acknowledged are sent again by the "
+                        "new connection: the broker may forward them twice", len(entries))
+        for entry in reversed(entries):
+            if entry.bulk:
+                self._bulk_inflight_bytes -= len(entry.payload)
+                self._bulk_inflight -= 1
+            (self._bulk if entry.bulk else self._control).waiting.appendleft(entry)
 
     # ------------------------------------------------------------------ sending
 
     def _send(self, entry: _Outgoing) -> None:
         client = self._client
         assert client is not None
+        if entry.bulk:  # until _complete
+            self._bulk_inflight_bytes += len(entry.payload)
+            self._bulk_inflight += 1
         try:
             info = self._queue_in_paho(client, entry)
         except (ValueError, TypeError, UnicodeError) as exc:  # paho refuses before queueing
@@ -558,14 +737,42 @@ class MqttLink:
             return
         self._complete(entry)
 
+    def _on_publish_ack(self, mid: int, code: int) -> None:
+        """Report whether terminal output on a topic has a reader (MQTT 5 reason codes)."""
+        entry = self._inflight.get(mid)
+        if entry is None or not entry.bulk or self._on_subscribers is None:
+            return
+        unread = code == mqtt_compat.NO_MATCHING_SUBSCRIBERS
+        if unread:
+            self.stats["acked_no_subscriber"] += 1
+            self._unread_topics.add(entry.topic)
+        elif entry.topic in self._unread_topics:
+            self._unread_topics.discard(entry.topic)
+        else:
+            return
+        try:
+            self._on_subscribers(entry.topic, not unread)
+        except Exception:
+            log.exception("subscribers handler failed")
+
     def _complete(self, entry: _Outgoing) -> None:
-        self._pending_msgs -= 1
-        self._pending_bytes -= len(entry.payload)
+        size = len(entry.payload)
+        lane = self._bulk if entry.bulk else self._control
+        lane.messages -= 1
+        lane.bytes -= size
+        if entry.bulk:
+            self._bulk_inflight_bytes -= size
+            self._bulk_inflight -= 1
+        if self._drained is not None and not self._inflight:
+            self._drained.set()
+        if self._emptied is not None and not self._pending_msgs:
+            self._emptied.set()
         if entry.on_sent is not None:
             try:
                 entry.on_sent()
             except Exception:
                 log.exception("on_sent callback failed")
+        self._pump()
 
     # ------------------------------------------------------------------ receiving
 

@@ -78,9 +78,10 @@ def _code(value: Any) -> int:
 
 
 def _connack_reason(code: int, value: Any) -> str:
+    """paho's words, without their final full stop (log lines add their own punctuation)."""
     if not isinstance(value, int):
-        return str(value)
-    return str(paho.connack_string(code))
+        return str(value).rstrip(".")
+    return str(paho.connack_string(code)).rstrip(".")
 
 
 def new_client(client_id: str, *, clean_session: bool, protocol: str = "3.1.1",
@@ -149,6 +150,57 @@ def bind_callbacks(
     client.on_publish = publish_cb
 
 
+#: PUBACK / PUBREC reason code (MQTT 5): accepted, but no subscription matched the topic.
+NO_MATCHING_SUBSCRIBERS = 16
+
+
+def watch_publish_acks(client: paho.Client, on_ack: Callable[[int, int], None]) -> None:
+    """Call ``on_ack(mid, reason_code)`` for every PUBACK (QoS 1) and PUBREC (QoS 2).
+
+    Neither paho passes these reason codes on: 1.6.1's ``on_publish`` has no reason
+    argument (``_handle_pubackcomp`` and ``_handle_pubrec`` parse and drop it), and
+    2.x's comes from PUBCOMP for QoS 2, after the one that matters. Both keep the
+    packet being handled in ``_in_packet["packet"]``: packet id (2 bytes), then, in
+    MQTT 5, the reason code byte when it is not 0. The hooks read it there before
+    paho handles the packet, which then goes on unchanged.
+    """
+    handle_puback = client._handle_pubackcomp
+    handle_pubrec = client._handle_pubrec
+
+    def report() -> None:
+        packet = bytes(client._in_packet.get("packet", b""))
+        if len(packet) >= 2:
+            on_ack(int.from_bytes(packet[:2], "big"), packet[2] if len(packet) > 2 else 0)
+
+    def pubackcomp(cmd: str) -> Any:
+        if cmd == "PUBACK":
+            report()
+        return handle_puback(cmd)
+
+    def pubrec() -> Any:
+        report()
+        return handle_pubrec()
+
+    client._handle_pubackcomp = pubackcomp  # type: ignore[method-assign]
+    client._handle_pubrec = pubrec  # type: ignore[method-assign]
+
+
+def keep_release_state(client: paho.Client) -> None:
+    """Call before every ``reconnect()``: keeps QoS 2 exactly once across failed attempts.
+
+    ``reconnect()`` (1.6.1 and 2.x alike) turns a QoS 2 message waiting for PUBCOMP
+    into "resend PUBREL" and every other unacknowledged one into "resend PUBLISH". A
+    second ``reconnect()`` before a CONNACK (an attempt that timed out) finds "resend
+    PUBREL" and makes it "resend PUBLISH": the broker, which released that message on
+    the first PUBREL, forwards it again. Putting those messages back to "waiting for
+    PUBCOMP" lets the reset map them to PUBREL again.
+    """
+    with client._out_message_mutex:
+        for message in client._out_messages.values():
+            if message.qos == 2 and message.state == paho.mqtt_ms_resend_pubrel:
+                message.state = paho.mqtt_ms_wait_for_pubcomp
+
+
 def set_connect_timeout(client: paho.Client, seconds: float) -> None:
     """Bound the TCP connect (and TLS/WebSocket handshake) inside ``reconnect()``."""
     if hasattr(type(client), "connect_timeout"):
@@ -186,13 +238,14 @@ def describe_error(exc: BaseException) -> str:
     import ssl
 
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS certificate verification failed: {exc.verify_message or exc}"
+        detail = str(exc.verify_message or exc).rstrip(".")
+        return f"TLS certificate verification failed: {detail}"
     if isinstance(exc, ssl.SSLError):
         return f"TLS error: {exc.reason or exc}"
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve the host name ({exc.strerror})"
     if isinstance(exc, ConnectionRefusedError):
-        return "connection refused (is the broker running on that port?)"
+        return "connection refused (no broker listening on that port)"
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return "timed out"
     if isinstance(exc, OSError) and exc.strerror:
@@ -201,7 +254,8 @@ def describe_error(exc: BaseException) -> str:
 
 
 def error_string(rc: int) -> str:
-    return str(paho.error_string(rc))
+    """paho's words for ``rc``, without their final full stop."""
+    return str(paho.error_string(rc)).rstrip(".")
 
 
 def publish_rc(info: Any) -> int:

@@ -33,7 +33,7 @@ COUNTERS = (
     "started", "ended", "exited", "stopped", "idle_closed", "shutdown_closed",
     "refused_limit", "refused_ended", "spawn_failed", "duplicate_start", "unknown_session",
     "stop_unknown", "bad_data", "bad_topic", "bad_resize", "bad_message", "input_dropped",
-    "publish_refused", "internal_error", "expired",
+    "publish_refused", "internal_error", "expired", "no_subscriber_closed",
 )
 
 
@@ -57,6 +57,7 @@ class SessionManager:
         self._idle_handle: Optional[asyncio.TimerHandle] = None
         self._idle_at = 0.0
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._unread_since: dict[str, float] = {}  # topic → first "no subscribers" ack
 
     # ------------------------------------------------------------------ the daemon's API
 
@@ -256,6 +257,26 @@ class SessionManager:
         """Reaped, fds closed, every message handed over: keep only its counts."""
         self._closing.discard(session)
         self._counters["publish_refused"] += session.publish_refused
+
+    def subscribers(self, topic: str, present: bool) -> None:
+        """The link's MQTT 5 report on ``topic``: output nobody reads for
+        ``no_subscriber_timeout`` (an API instance that died without x-stop) ends its
+        sessions with reason ``no-subscriber``."""
+        if present:
+            self._unread_since.pop(topic, None)
+            return
+        now = self._now()
+        since = self._unread_since.setdefault(topic, now)
+        timeout = self._config.no_subscriber_timeout
+        if now - since < timeout:
+            return
+        del self._unread_since[topic]
+        for session in [s for s in self._sessions.values() if s.topic == topic]:
+            self._counters["no_subscriber_closed"] += 1
+            log.warning("terminal session %r: no subscriber on %s for %g s: ending it",
+                        session.id, topic, timeout)
+            session.end(f"no subscriber for the output for {timeout:g} s: closed",
+                        "no-subscriber")
 
     # ------------------------------------------------------------------ bad input
 

@@ -412,6 +412,9 @@ TOML_ERRORS = [
     ("terminal", "shell", '["/bin/sh", 3]', "command line"),
     ("terminal", "shell", '"sh \\"unterminated"', "command line"),
     ("terminal", "max_sessions", "0", "1 to 256"),
+    ("terminal", "qos", "3", "0, 1 or 2"),
+    ("terminal", "no_subscriber_timeout", "0", "1 to 86400"),
+    ("mqtt", "bulk_window_bytes", "1024", "4096 to 16777216"),
     ("log", "level", '"verbose"', '"debug"'),
 ]
 

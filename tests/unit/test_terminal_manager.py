@@ -194,7 +194,7 @@ def test_echo_round_trip_in_order_with_started_first() -> None:
         await link.wait_output("s1", b"mark-42")
         messages = link.of("s1")
         assert messages[0].body["type"] == "x-started"
-        assert all(m.topic == "spotfi/api/i1/x/out" and m.qos == 1 for m in messages)
+        assert all(m.topic == "spotfi/api/i1/x/out" and m.qos == 2 for m in messages)
         info = session_info(manager, "s1")
         assert info["bytesIn"] == len(b"echo mark-$((40+2))\n") and info["bytesOut"] > 0
         assert info["responseTopic"] == "spotfi/api/i1/x/out" and len(manager) == 1
@@ -818,6 +818,30 @@ def test_a_failing_start_leaves_no_shell_behind() -> None:
         assert manager.counters()["internal_error"] == 1
         await until(lambda: not my_sleepers(), "no shell left running")
         assert not my_zombies()
+    run(body)
+
+
+def test_output_without_subscriber_ends_only_that_topics_sessions() -> None:
+    """The link's MQTT 5 reports: a subscriber seen again resets the clock; output
+    nobody reads for no_subscriber_timeout ends the sessions on that topic."""
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        manager, link = new_manager(replace(CONFIG, no_subscriber_timeout=0.2))
+        await start(manager, link, "orphan", "spotfi/api/gone/x/out")
+        await start(manager, link, "read", "spotfi/api/i1/x/out")
+        manager.subscribers("spotfi/api/gone/x/out", False)
+        manager.subscribers("spotfi/api/gone/x/out", True)  # back: the clock starts over
+        manager.subscribers("spotfi/api/gone/x/out", False)
+        deadline = loop.time() + 0.2
+        await until(lambda: loop.time() >= deadline, "the timeout to pass")
+        assert not link.of("orphan", "x-error")  # 0.2 s since the reset, not yet checked
+        manager.subscribers("spotfi/api/i1/x/out", True)
+        manager.subscribers("spotfi/api/gone/x/out", False)
+        error = await link.wait_x("orphan", "x-error")
+        assert error["reason"] == "no-subscriber", error
+        assert not link.of("read", "x-error") and len(manager) == 1
+        assert manager.counters()["no_subscriber_closed"] == 1
+        await manager.shutdown()
     run(body)
 
 
