@@ -397,9 +397,13 @@ class MqttLink:
         """Flush what is queued, then OFFLINE (retained), all bounded; disconnect.
 
         OFFLINE is a control message and would overtake terminal output: it waits until
-        the sessions' last output and x-error went out, or half the time ran out."""
+        the sessions' last output and x-error went out, or half the time ran out. If the
+        broker has not acknowledged OFFLINE in time (a slow link still full of output), the
+        connection ends without DISCONNECT, so the broker publishes the Will, the same
+        retained OFFLINE, instead of leaving the router ONLINE."""
         if self._closing:
             return
+        offline_acknowledged = False
         drained, self._drained = self._drained, None
         if drained is not None:  # a reload was waiting to reconnect: this connection is the last
             drained.set()
@@ -418,13 +422,14 @@ class MqttLink:
             self.publish(self._topics.status, STATUS_OFFLINE, 1, True, done.set)
             try:
                 await asyncio.wait_for(done.wait(), max(0.05, deadline - loop.time()))
+                offline_acknowledged = True
             except asyncio.TimeoutError:
-                log.warning("shutdown: %d messages still unsent after %.1f s",
-                            self._pending_msgs, flush_timeout)
+                log.warning("shutdown: %d messages still unsent after %.1f s; leaving OFFLINE "
+                            "to the Last Will", self._pending_msgs, flush_timeout)
         self._closing = True
         self._wake.set()
         if self._client is not None:
-            if self._connected:
+            if self._connected and offline_acknowledged:
                 self._client.disconnect()
                 self._client.loop_write()  # DISCONNECT now, so the broker skips the Will
             self._drop_client()
