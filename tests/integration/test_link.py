@@ -146,6 +146,9 @@ def test_outage_keeps_qos1_messages_in_order_and_outbox_is_bounded(broker: Mosqu
             assert counters["outbox_bulk_messages"] <= 50  # terminal output's own limit
             proxy.refusing = False
             await until(lambda: len(sent) == accepted, 15, "every accepted message acknowledged")
+        # the broker acknowledges a message before it forwards it: wait for the last one
+        last = b"%d" % (accepted - 1)
+        api.wait_message(f"spotfi/router/{ROUTER}/x/out", lambda m: m.payload == last, 10)
         payloads = [int(m.payload) for m in api.matching(f"spotfi/router/{ROUTER}/x/out")]
         # QoS 1 may deliver a message again across a reconnect (a resend of what was in
         # flight), never out of order: keeping only what goes beyond the highest seen so
