@@ -22,7 +22,6 @@ writes them. No signature: the package installs with ``apk add --allow-untrusted
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import re
 import struct
@@ -295,12 +294,7 @@ def build_apk(out_dir: Path, source: Path = ROOT, ptyprocess_dir: Optional[Path]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "dist", help="output directory")
-    parser.add_argument("--source", type=Path, default=ROOT, help="source checkout")
-    parser.add_argument("--ptyprocess", type=Path, help="ptyprocess package directory "
-                        "(default: the one this Python imports)")
-    args = parser.parse_args(argv)
+    args = build_ipk.package_parser(__doc__ or "").parse_args(argv)
     try:
         built = build_apk(args.out, args.source, args.ptyprocess)
     except (BuildError, OSError) as exc:

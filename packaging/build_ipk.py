@@ -499,12 +499,18 @@ def _human(size: int) -> str:
     return f"{size} bytes ({size / 1024:.1f} KiB)"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def package_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line both builders share: where to write, what to build from."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "dist", help="output directory")
     parser.add_argument("--source", type=Path, default=ROOT, help="source checkout")
     parser.add_argument("--ptyprocess", type=Path, help="ptyprocess package directory "
                         "(default: the one this Python imports)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = package_parser(__doc__ or "")
     parser.add_argument("--stage", type=Path, metavar="DIR",
                         help="write the installed file tree to DIR instead of an .ipk")
     parser.add_argument("--print-depends", action="store_true",
