@@ -408,6 +408,13 @@ class MqttLink:
         if drained is not None:  # a reload was waiting to reconnect: this connection is the last
             drained.set()
             self._pump()
+        if not self._connected and (self._handshake or self._connecting):
+            # between two connections (a reload reconnecting): the old one ended with a clean
+            # DISCONNECT, so no Will speaks for us; let the new one come up to say OFFLINE
+            try:
+                await asyncio.wait_for(self._connected_event.wait(), flush_timeout / 2)
+            except asyncio.TimeoutError:
+                pass
         if self._connected and self._client is not None:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + flush_timeout
